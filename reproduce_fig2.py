@@ -1,0 +1,788 @@
+#!/usr/bin/env python
+"""Reproduce Figure 2 of Kingma & Welling, "Auto-Encoding Variational Bayes" (2013).
+
+Trains the paper's MNIST variational autoencoders (N_z = 3, 5, 10, 20, 200) with AEVB and
+with the wake-sleep baseline, tracks the average variational lower bound (ELBO) per datapoint
+on the training and test sets against the number of training samples seen, and draws the
+figure the way the paper does.
+
+    python reproduce_fig2.py --data-dir ../shared/mnist      # train, then read the PNG
+    python reproduce_fig2.py --help                          # every constant as a flag
+
+The constants below are the interface: each command-line flag defaults to one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import platform
+import queue
+import random
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterator
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torchvision  # noqa: E402
+from pyautoencoder.loss import log_likelihood  # noqa: E402
+from pyautoencoder.variational import VAE  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+# ---------------------------------------------------------------------------- constants
+LATENT_DIMS: tuple[int, ...] = (3, 5, 10, 20, 200)  # latent sizes N_z, one panel each
+METHODS: tuple[str, ...] = ("aevb", "wake-sleep")  # training algorithms compared in each panel
+HIDDEN_SIZE: int = 500  # hidden units of encoder and decoder (appendix C, MNIST)
+BATCH_SIZE: int = 100  # minibatch size M
+LEARNING_RATE: float | str = 0.02  # Adagrad global step size, or "auto" to pick one by pilot runs
+LR_CANDIDATES: tuple[float, ...] = (0.01, 0.02, 0.1)  # step sizes the paper chose from
+LR_PILOT_SAMPLES: int = 100_000  # training samples of each pilot run when LEARNING_RATE is "auto"
+MC_SAMPLES: int = 1  # z samples per datapoint, L
+WEIGHT_DECAY: float = 1 / 60_000  # N(0, I) prior on parameters, per datapoint: 1 / N_train
+INIT_STD: float = 0.01  # standard deviation of the N(0, .) initialisation of every parameter
+TARGET_TRAIN_SAMPLES: int = 10_000_000  # training samples per (method, N_z) run
+EVAL_START_SAMPLES: int = 100_000  # first evaluation point (the paper's axis starts at 1e5)
+EVALS_PER_DECADE: int = 10  # log-spaced evaluation points per factor of ten of samples
+EVAL_BATCH_SIZE: int = 5_000  # images per forward pass when scoring the ELBO
+USE_STOCHASTIC_BINARIZATION: bool = False  # train on Bernoulli samples of the grey levels
+DATA_DIR: str = "./data"  # folder that holds MNIST/raw/ (torchvision layout)
+VERIFY_DATA: bool = True  # check the files against the standard MNIST SHA-256 digests
+OUT_DIR: str = "."  # folder for the PNG and the JSON results
+SEED: int = 1926  # master seed; each (method, N_z) run derives its own from it
+DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
+THREADS: int = 0  # CPU threads per run; 0 means cores / JOBS
+JOBS: int = 1  # (method, N_z) runs trained side by side in worker processes
+COMPILE: str = "auto"  # torch.compile the training step: "auto" (long runs only), "on", "off"
+COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs of at least this many samples
+
+FIGURE_NAME = "vae_mnist_fig2_repro.png"  # figure written to OUT_DIR
+RESULTS_NAME = "vae_mnist_fig2_repro.json"  # results written to OUT_DIR
+PAPER_YLIM = (-150.0, -95.0)  # the paper's vertical range, widened only to fit measured points
+PAPER_XLIM = (1e5, 1e8)  # the paper's horizontal range, widened only to fit measured points
+METHOD_STYLE = {"aevb": ("AEVB", "tab:red"), "wake-sleep": ("WS", "tab:blue")}  # legend, colour
+
+# ---------------------------------------------------------------------------- data
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MNIST_SHA256 = {  # of the decoded uint8 images and labels, from ../shared/mnist/README.md
+    "train": (
+        "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+        "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    ),
+    "test": (
+        "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+        "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+    ),
+}
+DOWNLOAD_TIMEOUT_S = 20  # per network operation, so a missing network cannot hang the run
+
+
+class DataError(RuntimeError):
+    """A problem with the MNIST files, worded as one line for the user."""
+
+
+@dataclass
+class Data:
+    """The three image sets a run needs, each one float32 tensor [N, 1, 28, 28] on the device."""
+
+    train: torch.Tensor  # what training draws minibatches from (grey levels)
+    train_eval: torch.Tensor  # the training set as scored by the evaluator
+    test_eval: torch.Tensor  # the test set as scored by the evaluator
+
+
+def raw_folder(data_dir: str) -> str:
+    """The folder where torchvision keeps the uncompressed MNIST files."""
+    return os.path.join(data_dir, "MNIST", "raw")
+
+
+def check_idx_file(path: str) -> None:
+    """Raise DataError unless `path` is a complete IDX file of unsigned bytes."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        ndim = head[3] if len(head) == 4 else 0
+        dims_raw = f.read(4 * ndim)
+    if len(head) < 4 or head[:3] != b"\x00\x00\x08" or not 1 <= ndim <= 3 or len(dims_raw) < 4 * ndim:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad header): replace it with the original MNIST file")
+    dims = struct.unpack(f">{ndim}I", dims_raw)
+    expected, actual = 4 + 4 * ndim + math.prod(dims), os.path.getsize(path)
+    if actual != expected:
+        raise DataError(
+            f"{path} is truncated or malformed: {actual} bytes where its header {list(dims)} "
+            f"needs {expected}; replace it with the original MNIST file"
+        )
+
+
+def ensure_mnist(data_dir: str, download: bool = True) -> None:
+    """Make sure the four raw MNIST files are under `data_dir`, downloading them if allowed."""
+    folder = raw_folder(data_dir)
+    names = [name for pair in MNIST_FILES.values() for name in pair]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if not missing:
+        return
+    reason = "downloading is off"
+    if download:
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torchvision.datasets.MNIST(data_dir, train=True, download=True)
+            return
+        except Exception as exc:  # any failure of the download becomes one readable line
+            first = str(exc).strip().splitlines()
+            reason = f"the download failed ({type(exc).__name__}: {first[-1] if first else exc})"
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    raise DataError(
+        f"MNIST not found: {os.path.abspath(folder)} lacks {', '.join(missing)} and {reason}. "
+        f"Put the four files {', '.join(names)} in MNIST/raw/ under a folder and pass it with --data-dir"
+    )
+
+
+def sha256_of(t: torch.Tensor) -> str:
+    """SHA-256 of a uint8 tensor's bytes, as ../shared/mnist/README.md lists them."""
+    return hashlib.sha256(t.to(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def load_split(data_dir: str, split: str, verify: bool = True) -> torch.Tensor:
+    """One MNIST split as a CPU float32 tensor [N, 1, 28, 28] in [0, 1]."""
+    folder = raw_folder(data_dir)
+    for name in MNIST_FILES[split]:
+        check_idx_file(os.path.join(folder, name))
+    ds = torchvision.datasets.MNIST(data_dir, train=split == "train", download=False)
+    images, labels = ds.data, ds.targets
+    if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or len(images) != len(labels):
+        raise DataError(f"{folder}: the {split} files hold {tuple(images.shape)} images and {len(labels)} labels, not N x 28 x 28 with N labels")
+    if verify and (sha256_of(images), sha256_of(labels)) != MNIST_SHA256[split]:
+        raise DataError(
+            f"{folder}: the {split} split does not match the standard MNIST checksums; "
+            "replace the files with the originals (or turn the check off for other data)"
+        )
+    return images.unsqueeze(1).to(torch.float32).div_(255)
+
+
+def load_data(data_dir: str, device: torch.device, binarize: bool, seed: int, verify: bool = True, download: bool = True) -> Data:
+    """Both MNIST splits, resident on `device`; evaluation sets binarized once when `binarize`."""
+    ensure_mnist(data_dir, download=download)
+    train, test = load_split(data_dir, "train", verify), load_split(data_dir, "test", verify)
+    if binarize:
+        fixed = torch.Generator().manual_seed(seed)  # the same binary evaluation sets every time
+        train_eval, test_eval = torch.bernoulli(train, generator=fixed), torch.bernoulli(test, generator=fixed)
+        return Data(train.to(device), train_eval.to(device), test_eval.to(device))
+    train = train.to(device)
+    return Data(train, train, test.to(device))
+
+
+# ---------------------------------------------------------------------------- model
+def build_vae(latent_dim: int, hidden_size: int = HIDDEN_SIZE, init_std: float = INIT_STD) -> VAE:
+    """The paper's MLP VAE (appendix C) on the CPU, every parameter drawn from N(0, init_std^2)."""
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden_size), nn.Tanh())
+    decoder = nn.Sequential(
+        nn.Linear(latent_dim, hidden_size), nn.Tanh(),
+        nn.Linear(hidden_size, 28 * 28), nn.Unflatten(1, (1, 28, 28)),
+    )
+    vae = VAE(encoder=encoder, decoder=decoder, latent_dim=latent_dim)
+    vae.build(torch.zeros(1, 1, 28, 28))  # materialise the lazy Gaussian head
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0.0, init_std)
+    return vae
+
+
+def encoder_parameters(vae: VAE) -> list[nn.Parameter]:
+    """The recognition model's parameters: encoder body and Gaussian head."""
+    return [*vae.encoder.parameters(), *vae.sampling_layer.parameters()]
+
+
+# ---------------------------------------------------------------------------- ELBO evaluator
+@torch.inference_mode()
+def evaluate_elbo(vae: VAE, images: torch.Tensor, seed: int = SEED, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
+    """Average per-datapoint ELBO (nats) over `images`, with its log-likelihood and KL parts.
+
+    One z sample per datapoint (MC_SAMPLES), drawn from a generator seeded with `seed`, so
+    that every evaluation point scores its model with the same noise and the training
+    random stream is left untouched.
+    """
+    device = images.device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for x in images.split(batch_size):
+            d = vae.compute_loss(x, vae(x, S=MC_SAMPLES), likelihood="bernoulli").diagnostics
+            parts = torch.stack([d["elbo"], d["log_likelihood"], d["kl_divergence"]])
+            totals += parts.double() * len(x)
+    elbo, ll, kl = (totals / len(images)).tolist()
+    return {"elbo": elbo, "log_likelihood": ll, "kl": kl}
+
+
+# ---------------------------------------------------------------------------- training
+def setting_seed(seed: int, method: str, latent_dim: int) -> int:
+    """A run's own seed, derived from (seed, method, N_z) so that no run depends on another."""
+    digest = hashlib.sha256(f"{seed}/{method}/{latent_dim}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[torch.optim.Adagrad]:
+    """Adagrad with the prior's weight decay: one for AEVB, decoder and encoder apart for WS."""
+    groups = [list(vae.parameters())] if method == "aevb" else [list(vae.decoder.parameters()), encoder_parameters(vae)]
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    return [torch.optim.Adagrad(g, lr=lr, weight_decay=WEIGHT_DECAY, **kwargs) for g in groups]
+
+
+def aevb_step(vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor) -> torch.Tensor:
+    """One SGVB step (estimator B: closed-form KL) on minibatch x; returns the loss, -ELBO."""
+    (opt,) = opts
+    opt.zero_grad(set_to_none=True)
+    loss = vae.compute_loss(x, vae(x, S=MC_SAMPLES), likelihood="bernoulli").objective
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(log_var))) summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + log_var + (z - mu).pow(2) * torch.exp(-log_var)).sum(-1)
+
+
+def wake_step(vae: VAE, opt: torch.optim.Adagrad, x: torch.Tensor) -> torch.Tensor:
+    """Wake phase: z ~ q(z|x) held fixed, the decoder climbs log p(x|z); returns -log p(x|z)."""
+    with torch.no_grad():
+        mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
+        z = vae.sampling_layer.reparametrize(mu, log_var, S=MC_SAMPLES)
+    logits = vae._decode(z).x_hat  # [B, S, 1, 28, 28]
+    log_px_z = log_likelihood(x.unsqueeze(1).expand_as(logits), logits, likelihood="bernoulli")
+    loss = -log_px_z.flatten(2).sum(-1).mean()  # per datapoint, averaged over the S samples
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def sleep_step(vae: VAE, opt: torch.optim.Adagrad, batch_size: int) -> torch.Tensor:
+    """Sleep phase: a fantasy (z, x) from the generative model, the encoder climbs log q(z|x)."""
+    with torch.no_grad():
+        z = torch.randn(batch_size, vae.latent_dim, device=next(vae.parameters()).device)
+        x = torch.bernoulli(torch.sigmoid(vae.decoder(z)))
+    mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
+    loss = -gaussian_log_density(z, mu, log_var).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def wake_sleep_step(vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor) -> torch.Tensor:
+    """One wake-sleep step on minibatch x (decoder, then encoder); returns the summed losses."""
+    dec_opt, enc_opt = opts
+    return wake_step(vae, dec_opt, x) + sleep_step(vae, enc_opt, len(x))
+
+
+STEPS: dict[str, Callable[[VAE, list[torch.optim.Adagrad], torch.Tensor], torch.Tensor]] = {
+    "aevb": aevb_step,
+    "wake-sleep": wake_sleep_step,
+}
+
+
+def compiled_step(step: Callable[[torch.Tensor], torch.Tensor], vae: VAE, opts: list[torch.optim.Adagrad]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`step` under torch.compile; if compiling fails, a one-line notice and the eager step."""
+    compiled = torch.compile(step)
+    state: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def first_call(x: torch.Tensor) -> torch.Tensor:
+        params = [p.detach().clone() for p in vae.parameters()]
+        sums = [s["sum"].clone() for o in opts for s in o.state.values()]
+        rng = torch.get_rng_state()
+        try:
+            out = compiled(x)
+            state["fn"] = compiled
+            return out
+        except Exception as exc:  # a compiler problem must never end the run
+            print(f"notice: torch.compile failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); training eagerly instead", flush=True)
+            with torch.no_grad():
+                for p, saved in zip(vae.parameters(), params):
+                    p.copy_(saved)
+                    p.grad = None
+                for s, saved in zip((s for o in opts for s in o.state.values()), sums):
+                    s["sum"].copy_(saved)
+            torch.set_rng_state(rng)
+            state["fn"] = step
+            return step(x)
+
+    state["fn"] = first_call
+    return lambda x: state["fn"](x)
+
+
+def make_step(method: str, vae: VAE, lr: float, device: torch.device, compile_step: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training step for `method`, with its optimisers, compiled when asked."""
+    opts = make_optimizers(vae, method, lr, fused=device.type == "cpu" and not compile_step)
+    step_fn = STEPS[method]
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return step_fn(vae, opts, x)
+
+    return compiled_step(step, vae, opts) if compile_step else step
+
+
+def eval_schedule(target: int, batch_size: int = BATCH_SIZE, start: int = EVAL_START_SAMPLES, per_decade: int = EVALS_PER_DECADE) -> list[int]:
+    """Sample counts to evaluate at: 10^(k / per_decade) in whole minibatches, ending at the target."""
+    end = max(batch_size, round(target / batch_size) * batch_size)
+    k = math.ceil(per_decade * math.log10(min(start, end)) - 1e-9)
+    points = []
+    while (s := 10 ** (k / per_decade)) < end:
+        points.append(max(batch_size, round(s / batch_size) * batch_size))
+        k += 1
+    return sorted({p for p in points if p < end} | {end})
+
+
+def train_steps(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, schedule: list[int], batch_size: int, binarize: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """Minibatch steps over fresh permutations of `images`; yields (samples, last loss) at each schedule point."""
+    n_batches = len(images) // batch_size  # the incomplete last batch of an epoch is dropped
+    batches, pos, samples, loss = None, n_batches, 0, torch.zeros(())
+    for target in schedule:
+        while samples < target:
+            if pos == n_batches:
+                perm = torch.randperm(len(images), device=images.device)
+                batches, pos = perm[: n_batches * batch_size].view(n_batches, batch_size), 0
+            x = images[batches[pos]]
+            pos += 1
+            loss = step(torch.bernoulli(x) if binarize else x)
+            samples += batch_size
+        yield samples, loss
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run; each field is a command-line flag defaulting to its constant."""
+
+    latent_dims: tuple[int, ...] = LATENT_DIMS
+    methods: tuple[str, ...] = METHODS
+    samples: int = TARGET_TRAIN_SAMPLES
+    eval_start: int = EVAL_START_SAMPLES
+    evals_per_decade: int = EVALS_PER_DECADE
+    lr: float | str = LEARNING_RATE
+    lr_pilot_samples: int = LR_PILOT_SAMPLES
+    batch_size: int = BATCH_SIZE
+    hidden_size: int = HIDDEN_SIZE
+    binarize: bool = USE_STOCHASTIC_BINARIZATION
+    seed: int = SEED
+    device: str = DEVICE
+    threads: int = THREADS
+    jobs: int = JOBS
+    compile: str = COMPILE
+    data_dir: str = DATA_DIR
+    verify_data: bool = VERIFY_DATA
+    out_dir: str = OUT_DIR
+    plot_only: bool = False
+
+
+def use_compile(cfg: Config) -> bool:
+    """Whether training steps are compiled under this configuration."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and cfg.samples >= COMPILE_MIN_SAMPLES)
+
+
+def fmt_eval(method: str, latent_dim: int, e: dict) -> str:
+    """One plain log line for an evaluation point."""
+    return (
+        f"[{method} N_z={latent_dim}] samples {e['samples']:>11,}  train ELBO {e['train_elbo']:9.3f}  "
+        f"test ELBO {e['test_elbo']:9.3f}  (test log p(x|z) {e['test_log_likelihood']:9.3f}, KL {e['test_kl']:7.3f})  "
+        f"{e['wall_seconds']:8.1f} s"
+    )
+
+
+def pick_lr(method: str, latent_dim: int, cfg: Config, data: Data, device: torch.device) -> tuple[float, dict[str, float]]:
+    """The paper's step-size choice: the candidate whose short pilot reaches the best training ELBO."""
+    scores: dict[str, float] = {}
+    for lr in LR_CANDIDATES:
+        seed_everything(setting_seed(cfg.seed, method, latent_dim))
+        vae = build_vae(latent_dim, cfg.hidden_size).to(device)
+        step = make_step(method, vae, lr, device, compile_step=False)
+        pilot = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)
+        for _, loss in train_steps(step, data.train, pilot, cfg.batch_size, cfg.binarize):
+            pass
+        score = evaluate_elbo(vae, data.train_eval, cfg.seed)["elbo"] if bool(torch.isfinite(loss)) else -math.inf
+        scores[repr(lr)] = score if math.isfinite(score) else -math.inf
+        print(f"[{method} N_z={latent_dim}] pilot lr {lr}: train ELBO {scores[repr(lr)]:.3f} after {pilot[-1]:,} samples", flush=True)
+    best = max(LR_CANDIDATES, key=lambda lr: scores[repr(lr)])
+    print(f"[{method} N_z={latent_dim}] chose lr {best}", flush=True)
+    return best, scores
+
+
+def train_run(method: str, latent_dim: int, cfg: Config, data: Data, device: torch.device, on_eval: Callable[[dict], None], progress: bool = True) -> dict:
+    """Train one (method, N_z) setting and evaluate it along the schedule; returns its run record.
+
+    `on_eval` receives the record after every evaluation, so the caller can save it at once.
+    """
+    run: dict = {"method": method, "latent_dim": latent_dim, "seed": setting_seed(cfg.seed, method, latent_dim), "status": "running", "evals": []}
+    if cfg.lr == "auto":
+        run["lr"], run["lr_pilot_scores"] = pick_lr(method, latent_dim, cfg, data, device)
+    else:
+        run["lr"] = float(cfg.lr)
+    seed_everything(run["seed"])
+    vae = build_vae(latent_dim, cfg.hidden_size).to(device)
+    step = make_step(method, vae, run["lr"], device, use_compile(cfg))
+    schedule = eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)
+    bar = tqdm(total=schedule[-1], unit="samples", unit_scale=True, desc=f"{method} N_z={latent_dim}", disable=None if progress else True, mininterval=1.0, leave=False)
+    start, done = time.perf_counter(), 0
+    for samples, loss in train_steps(step, data.train, schedule, cfg.batch_size, cfg.binarize):
+        bar.update(samples - done)
+        done = samples
+        train_m = evaluate_elbo(vae, data.train_eval, cfg.seed)
+        test_m = evaluate_elbo(vae, data.test_eval, cfg.seed)
+        values = [*train_m.values(), *test_m.values(), float(loss)]
+        if not all(math.isfinite(v) for v in values):
+            run["status"], run["diverged_at"] = "diverged", samples
+            tqdm.write(f"warning: [{method} N_z={latent_dim}] diverged (non-finite loss or ELBO) at {samples:,} samples; this run stops here")
+            break
+        e = {
+            "samples": samples,
+            "train_elbo": train_m["elbo"], "test_elbo": test_m["elbo"],
+            "train_log_likelihood": train_m["log_likelihood"], "train_kl": train_m["kl"],
+            "test_log_likelihood": test_m["log_likelihood"], "test_kl": test_m["kl"],
+            "wall_seconds": time.perf_counter() - start,
+        }
+        run["evals"].append(e)
+        bar.set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
+        if progress:
+            tqdm.write(fmt_eval(method, latent_dim, e))
+        on_eval(run)
+    else:
+        run["status"] = "done"
+    bar.close()
+    on_eval(run)
+    return run
+
+
+# ---------------------------------------------------------------------------- running every setting
+def settings_of(cfg: Config) -> list[tuple[str, int]]:
+    """The (method, N_z) runs of a configuration, in figure order."""
+    return [(m, d) for m in cfg.methods for d in cfg.latent_dims]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for "auto", "cpu" or "cuda"."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_run(cfg: Config) -> int:
+    """Torch CPU threads for each run: --threads, or the cores shared among the jobs."""
+    return cfg.threads or max(1, cpu_count() // cfg.jobs)
+
+
+def _worker(cfg: Config, method: str, latent_dim: int, messages: "queue.Queue") -> dict:
+    """One (method, N_z) run in a worker process; evaluations go back through `messages`."""
+    torch.set_num_threads(threads_per_run(cfg))
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
+    return train_run(method, latent_dim, cfg, data, device, lambda run: messages.put(copy.deepcopy(run)), progress=False)
+
+
+def run_all(cfg: Config, data: Data | None, device: torch.device, results: dict, save: Callable[[], None]) -> None:
+    """Train every (method, N_z) setting, in this process or in cfg.jobs workers, saving after each evaluation."""
+    runs = {(r["method"], r["latent_dim"]): r for r in results["runs"]}
+
+    def update(run: dict) -> None:
+        runs[(run["method"], run["latent_dim"])].update(run)
+        save()
+
+    if cfg.jobs == 1:
+        assert data is not None
+        for method, latent_dim in settings_of(cfg):
+            try:
+                train_run(method, latent_dim, cfg, data, device, update)
+            except Exception as exc:  # one broken run must not cost the others
+                fail(runs[(method, latent_dim)], exc)
+                save()
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with multiprocessing.Manager() as manager, concurrent.futures.ProcessPoolExecutor(cfg.jobs, mp_context=ctx) as pool:
+        messages = manager.Queue()
+        futures = {pool.submit(_worker, cfg, m, d, messages): (m, d) for m, d in settings_of(cfg)}
+        pending = set(futures)
+        while pending or not messages.empty():
+            try:
+                run = messages.get(timeout=0.5)
+            except queue.Empty:
+                finished = {f for f in pending if f.done()}
+                for f in finished:
+                    if f.exception() is not None:
+                        fail(runs[futures[f]], f.exception())
+                        save()
+                pending -= finished
+                continue
+            last = run["evals"][-1] if run["evals"] else None
+            if last and last not in runs[(run["method"], run["latent_dim"])]["evals"]:
+                print(fmt_eval(run["method"], run["latent_dim"], last), flush=True)
+            update(run)
+
+
+def fail(run: dict, exc: BaseException) -> None:
+    """Mark a run as failed, keeping what it measured, and say so."""
+    run["status"], run["error"] = "failed", f"{type(exc).__name__}: {exc}"
+    print(f"error: [{run['method']} N_z={run['latent_dim']}] failed: {run['error']}; the other runs go on", file=sys.stderr, flush=True)
+    traceback.print_exception(exc, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- plotting
+def plot_results(results: dict, path: str) -> plt.Figure:
+    """Draw Figure 2 from a results dict: one panel per N_z, train solid, test dashed; save it to `path`."""
+    runs = [r for r in results["runs"] if r["evals"]]
+    dims = list(dict.fromkeys(r["latent_dim"] for r in results["runs"]))
+    fig, axes = plt.subplots(1, max(1, len(dims)), figsize=(3.0 * max(1, len(dims)), 3.3), sharey=True, squeeze=False)
+    values, xs_all = [], []
+    for ax, nz in zip(axes[0], dims):
+        for run in (r for r in runs if r["latent_dim"] == nz):
+            label, colour = METHOD_STYLE.get(run["method"], (run["method"], None))
+            xs = [e["samples"] for e in run["evals"]]
+            for split, style in (("train", "-"), ("test", "--")):
+                ys = [e[f"{split}_elbo"] for e in run["evals"]]
+                ax.plot(xs, ys, style, color=colour, linewidth=1.2, label=f"{label} ({split})")
+                values += ys
+            xs_all += xs
+        ax.set_xscale("log")
+        ax.set_title(f"MNIST, $N_z = {nz}$")
+        ax.set_xlabel("# Training samples evaluated")
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="lower right", fontsize=7)
+    axes[0][0].set_ylabel(r"$\mathcal{L}$")
+    lo, hi = PAPER_YLIM
+    if values:
+        span = max(values) - min(values)
+        lo, hi = min(lo, min(values) - 0.03 * span), max(hi, max(values) + 0.03 * span)
+    axes[0][0].set_ylim(lo, hi)
+    x_lo, x_hi = PAPER_XLIM
+    if xs_all:
+        x_lo, x_hi = min(x_lo, min(xs_all) / 1.2), max(x_hi, max(xs_all) * 1.2)
+    for ax in axes[0]:
+        ax.set_xlim(x_lo, x_hi)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def results_table(results: dict) -> str:
+    """The final train and test ELBO of every run, as a Markdown table."""
+    lines = ["| method | N_z | samples | train ELBO | test ELBO | status |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in results["runs"]:
+        e = r["evals"][-1] if r["evals"] else None
+        cells = [f"{e['samples']:,}", f"{e['train_elbo']:.2f}", f"{e['test_elbo']:.2f}"] if e else ["-", "-", "-"]
+        lines.append(f"| {METHOD_STYLE.get(r['method'], (r['method'],))[0]} | {r['latent_dim']} | {' | '.join(cells)} | {r['status']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- results file
+def write_json_atomic(obj: dict, path: str) -> None:
+    """Write `obj` as JSON to `path` so that a reader sees the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def environment(device: torch.device, threads: int) -> dict:
+    """Versions and machine facts that a reader of the results needs."""
+    import pyautoencoder
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "pyautoencoder": pyautoencoder.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__,
+        "platform": platform.platform(), "device": str(device), "device_name": name, "cpu_count": cpu_count(),
+        "threads": threads, "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def new_results(cfg: Config, device: torch.device) -> dict:
+    """The results skeleton: config as used, environment, one pending run per setting."""
+    config = asdict(cfg) | {
+        "mc_samples": MC_SAMPLES, "weight_decay": WEIGHT_DECAY, "init_std": INIT_STD, "lr_candidates": list(LR_CANDIDATES),
+        "eval_batch_size": EVAL_BATCH_SIZE, "compiled": use_compile(cfg),
+        "eval_schedule": eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade),
+    }
+    runs = [{"method": m, "latent_dim": d, "status": "pending", "evals": []} for m, d in settings_of(cfg)]
+    return {"config": config, "environment": environment(device, threads_per_run(cfg)), "runs": runs}
+
+
+# ---------------------------------------------------------------------------- command line
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type for a positive int or float."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def sample_count(text: str) -> int:
+    """An argparse type for a sample count written as 1000000 or 1e6."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of samples (write 1e6 or 1000000)") from None
+    if not math.isfinite(value) or value != int(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number of samples")
+    return int(value)
+
+
+def learning_rate(text: str) -> float | str:
+    """An argparse type for Adagrad's step size: a positive number or "auto"."""
+    return "auto" if text == "auto" else positive(float)(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, every default taken from the constants at the top of this file."""
+    d = Config()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--latent-dims", type=positive(int), nargs="+", default=list(d.latent_dims), metavar="N_Z", help="latent sizes, one panel each")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(d.methods), help="training algorithms")
+    p.add_argument("--samples", type=sample_count, default=d.samples, help="training samples per run (1e6 or 1000000)")
+    p.add_argument("--eval-start", type=sample_count, default=d.eval_start, help="first evaluation point, in samples")
+    p.add_argument("--evals-per-decade", type=positive(int), default=d.evals_per_decade, help="evaluation points per decade of samples")
+    p.add_argument("--lr", type=learning_rate, default=d.lr, help=f"Adagrad step size, or 'auto' to pick from {list(LR_CANDIDATES)}")
+    p.add_argument("--lr-pilot-samples", type=sample_count, default=d.lr_pilot_samples, help="samples per pilot run with --lr auto")
+    p.add_argument("--batch-size", type=positive(int), default=d.batch_size, help="minibatch size")
+    p.add_argument("--hidden-size", type=positive(int), default=d.hidden_size, help="hidden units of encoder and decoder")
+    p.add_argument("--seed", type=int, default=d.seed, help="master random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="where to train")
+    p.add_argument("--data-dir", default=d.data_dir, help="folder that holds MNIST/raw/")
+    p.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=d.verify_data, help="check the files against the standard MNIST checksums")
+    p.add_argument("--out-dir", default=d.out_dir, help="folder for the PNG and JSON")
+    p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=d.binarize, help="stochastic binarization of the images")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads per run (0: cores / jobs)")
+    p.add_argument("--jobs", type=positive(int), default=d.jobs, help="runs trained side by side in worker processes")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile, help=f"torch.compile the training step (auto: runs of at least {COMPILE_MIN_SAMPLES:,} samples)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON in --out-dir, no training")
+    return p
+
+
+def check_out_dir(path: str) -> str | None:
+    """None if `path` can be created and written, else why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"--out-dir {path!r} cannot be created or written ({exc.strerror or exc}); choose another folder"
+    return None
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse and check the command line; bad values end here with argparse's error and status 2."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.samples < a.batch_size:
+        parser.error(f"--samples {a.samples} is less than one minibatch ({a.batch_size}); ask for at least {a.batch_size}")
+    if a.lr == "auto" and a.lr_pilot_samples < a.batch_size:
+        parser.error(f"--lr-pilot-samples {a.lr_pilot_samples} is less than one minibatch ({a.batch_size})")
+    if a.threads < 0:
+        parser.error(f"--threads {a.threads} is negative; use 0 for cores / jobs, or a positive count")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+    if (problem := check_out_dir(a.out_dir)) is not None:
+        parser.error(problem)
+    return Config(
+        latent_dims=tuple(dict.fromkeys(a.latent_dims)), methods=tuple(dict.fromkeys(a.methods)), samples=a.samples,
+        eval_start=a.eval_start, evals_per_decade=a.evals_per_decade, lr=a.lr, lr_pilot_samples=a.lr_pilot_samples,
+        batch_size=a.batch_size, hidden_size=a.hidden_size, binarize=a.binarize, seed=a.seed, device=a.device,
+        threads=a.threads, jobs=a.jobs, compile=a.compile, data_dir=a.data_dir, verify_data=a.verify_data, out_dir=a.out_dir,
+        plot_only=a.plot_only,
+    )
+
+
+# ---------------------------------------------------------------------------- main
+def keep_aside(path: str) -> None:
+    """Move an earlier results file out of the way rather than overwrite it."""
+    if os.path.exists(path):
+        stem, ext = os.path.splitext(path)
+        aside = f"{stem}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(os.path.getmtime(path)))}{ext}"
+        os.replace(path, aside)
+        print(f"kept the earlier results aside as {aside}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, load MNIST, train every setting, save the JSON and draw the figure."""
+    cfg = parse_config(argv)
+    json_path, png_path = os.path.join(cfg.out_dir, RESULTS_NAME), os.path.join(cfg.out_dir, FIGURE_NAME)
+    if cfg.plot_only:
+        try:
+            with open(json_path) as f:
+                results = json.load(f)
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read {json_path} ({exc}); run the training first or point --out-dir at its folder", file=sys.stderr)
+            return 2
+        plt.close(plot_results(results, png_path))
+        print(f"figure: {png_path}")
+        return 0
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(threads_per_run(cfg))
+    try:
+        data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if len(data.train) < cfg.batch_size:
+        print(f"error: the training set holds {len(data.train)} images, fewer than one minibatch ({cfg.batch_size})", file=sys.stderr)
+        return 1
+    results = new_results(cfg, device)
+    keep_aside(json_path)
+    print(f"training {len(results['runs'])} runs of {cfg.samples:,} samples on {device} ({threads_per_run(cfg)} threads per run, {cfg.jobs} job(s)); results: {json_path}", flush=True)
+    run_all(cfg, data if cfg.jobs == 1 else None, device, results, lambda: write_json_atomic(results, json_path))
+    write_json_atomic(results, json_path)
+    plt.close(plot_results(results, png_path))
+    print(results_table(results))
+    print(f"figure: {png_path}\nresults: {json_path}")
+    return 3 if any(r["status"] != "done" for r in results["runs"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
