@@ -20,6 +20,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -27,6 +28,7 @@ import os
 import platform
 import queue
 import random
+import signal
 import socket
 import statistics
 import struct
@@ -35,7 +37,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import matplotlib
 
@@ -74,6 +76,8 @@ THREADS: int = 0  # CPU threads per run; 0 means cores / JOBS
 JOBS: int = 1  # (method, N_z) runs trained side by side in worker processes
 COMPILE: str = "auto"  # torch.compile the training step: "auto" (long runs only), "on", "off"
 COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs of at least this many samples
+BENCHMARK_STEPS: int = 200  # training steps per timing window of --benchmark
+BENCHMARK_WINDOWS: int = 5  # timing windows of --benchmark (after one warm-up window)
 
 FIGURE_NAME = "vae_mnist_fig2_repro.png"  # figure written to OUT_DIR
 RESULTS_NAME = "vae_mnist_fig2_repro.json"  # results written to OUT_DIR
@@ -362,7 +366,7 @@ def eval_schedule(target: int, batch_size: int = BATCH_SIZE, start: int = EVAL_S
     return sorted({p for p in points if p < end} | {end})
 
 
-def train_steps(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, schedule: list[int], batch_size: int, binarize: bool) -> Iterator[tuple[int, torch.Tensor]]:
+def train_steps(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, schedule: Iterable[int], batch_size: int, binarize: bool) -> Iterator[tuple[int, torch.Tensor]]:
     """Minibatch steps over fresh permutations of `images`; yields (samples, last loss) at each schedule point."""
     n_batches = len(images) // batch_size  # the incomplete last batch of an epoch is dropped
     batches, pos, samples, loss = None, n_batches, 0, torch.zeros(())
@@ -401,11 +405,19 @@ class Config:
     verify_data: bool = VERIFY_DATA
     out_dir: str = OUT_DIR
     plot_only: bool = False
+    benchmark: bool = False
+    benchmark_steps: int = BENCHMARK_STEPS
 
 
 def use_compile(cfg: Config) -> bool:
-    """Whether training steps are compiled under this configuration."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and cfg.samples >= COMPILE_MIN_SAMPLES)
+    """Whether training steps are compiled: "auto" compiles long runs on CUDA or with several threads.
+
+    With one CPU thread per run, compiling was measured to gain nothing on the 2-core machine
+    the README reports, while costing about 30 s per run.
+    """
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    return cfg.samples >= COMPILE_MIN_SAMPLES and (resolve_device(cfg.device).type == "cuda" or threads_per_run(cfg) > 1)
 
 
 def fmt_eval(method: str, latent_dim: int, e: dict) -> str:
@@ -511,7 +523,7 @@ def _worker(cfg: Config, method: str, latent_dim: int, messages: "queue.Queue") 
     return train_run(method, latent_dim, cfg, data, device, lambda run: messages.put(copy.deepcopy(run)), progress=False)
 
 
-def run_all(cfg: Config, data: Data | None, device: torch.device, results: dict, save: Callable[[], None]) -> None:
+def run_all(cfg: Config, data: Data, device: torch.device, results: dict, save: Callable[[], None]) -> None:
     """Train every (method, N_z) setting, in this process or in cfg.jobs workers, saving after each evaluation."""
     runs = {(r["method"], r["latent_dim"]): r for r in results["runs"]}
 
@@ -519,9 +531,9 @@ def run_all(cfg: Config, data: Data | None, device: torch.device, results: dict,
         runs[(run["method"], run["latent_dim"])].update(run)
         save()
 
-    if cfg.jobs == 1:
-        assert data is not None
+    if cfg.jobs == 1 or len(runs) == 1:
         for method, latent_dim in settings_of(cfg):
+            runs[(method, latent_dim)]["status"] = "running"
             try:
                 train_run(method, latent_dim, cfg, data, device, update)
             except Exception as exc:  # one broken run must not cost the others
@@ -529,25 +541,36 @@ def run_all(cfg: Config, data: Data | None, device: torch.device, results: dict,
                 save()
         return
     ctx = multiprocessing.get_context("spawn")
-    with multiprocessing.Manager() as manager, concurrent.futures.ProcessPoolExecutor(cfg.jobs, mp_context=ctx) as pool:
+    with multiprocessing.Manager() as manager, concurrent.futures.ProcessPoolExecutor(min(cfg.jobs, len(runs)), mp_context=ctx) as pool:
         messages = manager.Queue()
         futures = {pool.submit(_worker, cfg, m, d, messages): (m, d) for m, d in settings_of(cfg)}
-        pending = set(futures)
-        while pending or not messages.empty():
-            try:
-                run = messages.get(timeout=0.5)
-            except queue.Empty:
-                finished = {f for f in pending if f.done()}
-                for f in finished:
-                    if f.exception() is not None:
-                        fail(runs[futures[f]], f.exception())
-                        save()
-                pending -= finished
-                continue
-            last = run["evals"][-1] if run["evals"] else None
-            if last and last not in runs[(run["method"], run["latent_dim"])]["evals"]:
-                print(fmt_eval(run["method"], run["latent_dim"], last), flush=True)
-            update(run)
+        try:
+            collect(futures, messages, runs, update, save)
+        except BaseException:  # Ctrl-C or SIGTERM: stop the workers now, the caller saves what exists
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(pool, "_processes", {}).values()):  # no public way to stop running tasks
+                process.terminate()
+            raise
+
+
+def collect(futures: dict, messages: "queue.Queue", runs: dict, update: Callable[[dict], None], save: Callable[[], None]) -> None:
+    """Receive the workers' evaluations until every run has ended, saving after each one."""
+    pending = set(futures)
+    while pending or not messages.empty():
+        try:
+            run = messages.get(timeout=0.5)
+        except queue.Empty:
+            finished = {f for f in pending if f.done()}
+            for f in finished:
+                if f.exception() is not None:
+                    fail(runs[futures[f]], f.exception())
+                    save()
+            pending -= finished
+            continue
+        last = run["evals"][-1] if run["evals"] else None
+        if last and last not in runs[(run["method"], run["latent_dim"])]["evals"]:
+            print(fmt_eval(run["method"], run["latent_dim"], last), flush=True)
+        update(run)
 
 
 def fail(run: dict, exc: BaseException) -> None:
@@ -646,6 +669,115 @@ def new_results(cfg: Config, device: torch.device) -> dict:
     return {"config": config, "environment": environment(device, threads_per_run(cfg)), "runs": runs}
 
 
+# ---------------------------------------------------------------------------- benchmark
+def flops_per_training_sample(latent_dim: int, hidden_size: int = HIDDEN_SIZE) -> float:
+    """FLOPs of one SGVB training step per sample: 2 x multiply-adds of the forward pass x 2.5."""
+    macs = 784 * hidden_size + hidden_size * 2 * latent_dim + latent_dim * hidden_size + hidden_size * 784
+    return 2 * macs * 2.5
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a size x size float32 matrix product on `device` (median of `repeats`)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        float((a @ b)[0, 0])  # the read synchronises a GPU
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times[1:]) / 1e9
+
+
+def windows_per_second(batches: Iterator[object], steps: int, windows: int, batch_size: int) -> float:
+    """Median training samples/s over `windows` windows of `steps` steps, after one warm-up window.
+
+    `batches` runs one training step per item and yields something whose float() waits for it.
+    """
+    rates = []
+    for w in range(windows + 1):
+        start = time.perf_counter()
+        for _ in range(steps):
+            last = next(batches)
+        float(last)  # type: ignore[arg-type]
+        if w:
+            rates.append(steps * batch_size / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+class _ToTensorImages(torch.utils.data.Dataset):
+    """Synthetic uint8 images served one at a time through transforms.ToTensor, as MNIST would be."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.to_tensor = images.squeeze(1).numpy(), torchvision.transforms.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.to_tensor(self.images[i]), 0
+
+
+def dataloader_steps(cfg: Config, device: torch.device, real: bool) -> Iterator[torch.Tensor]:
+    """The pyautoencoder example's loop: DataLoader over MNIST with ToTensor, batch 100, shuffled."""
+    to_tensor = torchvision.transforms.ToTensor()
+    if real:
+        dataset: torch.utils.data.Dataset = torchvision.datasets.MNIST(cfg.data_dir, train=True, transform=to_tensor)
+    else:
+        dataset = _ToTensorImages((torch.rand(60_000, 1, 28, 28) * 255).to(torch.uint8))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    seed_everything(cfg.seed)
+    vae = build_vae(20, cfg.hidden_size).to(device)
+    opt = torch.optim.Adagrad(vae.parameters(), lr=float(LEARNING_RATE), weight_decay=WEIGHT_DECAY)
+    while True:
+        for x, _ in loader:
+            x = x.to(device)
+            opt.zero_grad()
+            loss = vae.compute_loss(x, vae(x), likelihood="bernoulli").objective
+            loss.backward()
+            opt.step()
+            yield loss.detach()
+
+
+def benchmark(cfg: Config, device: torch.device, steps: int, windows: int = BENCHMARK_WINDOWS) -> dict[str, float | str]:
+    """Measure and print training speed, the DataLoader baseline, evaluation time, efficiency and memory (N_z = 20)."""
+    try:
+        data, source = load_data(cfg.data_dir, device, False, cfg.seed, verify=cfg.verify_data, download=False), "real MNIST"
+    except DataError:
+        train, test = torch.rand(60_000, 1, 28, 28, device=device), torch.rand(10_000, 1, 28, 28, device=device)
+        data, source = Data(train, train, test), f"synthetic data of MNIST's shape (no MNIST under {cfg.data_dir})"
+    compiled = use_compile(replace(cfg, samples=max(cfg.samples, COMPILE_MIN_SAMPLES)))
+    print(f"benchmark: N_z = 20, batch {cfg.batch_size}, {source}, {device}, {torch.get_num_threads()} threads, step {'compiled' if compiled else 'eager'}", flush=True)
+    gflops = matmul_gflops(device)
+    seed_everything(cfg.seed)
+    vae = build_vae(20, cfg.hidden_size).to(device)
+    step = make_step("aevb", vae, float(LEARNING_RATE), device, compiled)
+    every_step = itertools.count(cfg.batch_size, cfg.batch_size)
+    ours_steps = (loss for _, loss in train_steps(step, data.train, every_step, cfg.batch_size, False))
+    ours = windows_per_second(ours_steps, steps, windows, cfg.batch_size)
+    baseline = windows_per_second(dataloader_steps(cfg, device, source == "real MNIST"), steps, windows, cfg.batch_size)
+    eval_times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        evaluate_elbo(vae, data.train_eval)
+        evaluate_elbo(vae, data.test_eval)
+        eval_times.append(time.perf_counter() - start)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    achieved = ours * flops_per_training_sample(20, cfg.hidden_size) / 1e9
+    result: dict[str, float | str] = {
+        "data": source, "training samples/s (ours)": ours, "training samples/s (DataLoader loop)": baseline,
+        "ratio ours / DataLoader": ours / baseline, "seconds per full evaluation (60,000 + 10,000)": statistics.median(eval_times),
+        "matmul 2048 GFLOP/s": gflops, "training GFLOP/s": achieved, "efficiency (training / matmul)": achieved / gflops,
+        "peak resident memory MiB": peak,
+    }
+    if device.type == "cuda":
+        result["peak CUDA memory MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["training steps/s (ours)"] = ours / cfg.batch_size
+    for key, value in result.items():
+        print(f"  {key:<48} {value:,.3f}" if isinstance(value, float) else f"  {key:<48} {value}")
+    return result
+
+
 # ---------------------------------------------------------------------------- command line
 def positive(kind: type) -> Callable[[str], int | float]:
     """An argparse type for a positive int or float."""
@@ -702,6 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive(int), default=d.jobs, help="runs trained side by side in worker processes")
     p.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile, help=f"torch.compile the training step (auto: runs of at least {COMPILE_MIN_SAMPLES:,} samples)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON in --out-dir, no training")
+    p.add_argument("--benchmark", action="store_true", help="print training and evaluation speed for N_z = 20, no training run")
+    p.add_argument("--benchmark-steps", type=positive(int), default=BENCHMARK_STEPS, help="steps per timing window of --benchmark")
     return p
 
 
@@ -735,11 +869,24 @@ def parse_config(argv: list[str] | None = None) -> Config:
         eval_start=a.eval_start, evals_per_decade=a.evals_per_decade, lr=a.lr, lr_pilot_samples=a.lr_pilot_samples,
         batch_size=a.batch_size, hidden_size=a.hidden_size, binarize=a.binarize, seed=a.seed, device=a.device,
         threads=a.threads, jobs=a.jobs, compile=a.compile, data_dir=a.data_dir, verify_data=a.verify_data, out_dir=a.out_dir,
-        plot_only=a.plot_only,
+        plot_only=a.plot_only, benchmark=a.benchmark, benchmark_steps=a.benchmark_steps,
     )
 
 
 # ---------------------------------------------------------------------------- main
+class Interrupted(BaseException):
+    """Raised by SIGTERM, so the run stops the way Ctrl-C stops it; `code` is the exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"signal {code - 128}")
+        self.code = code
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """Signal handler: turn SIGTERM into an Interrupted exception."""
+    raise Interrupted(128 + signum)
+
+
 def keep_aside(path: str) -> None:
     """Move an earlier results file out of the way rather than overwrite it."""
     if os.path.exists(path):
@@ -765,6 +912,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = resolve_device(cfg.device)
     torch.set_num_threads(threads_per_run(cfg))
+    if cfg.benchmark:
+        benchmark(cfg, device, cfg.benchmark_steps)
+        return 0
     try:
         data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
     except DataError as exc:
@@ -776,12 +926,25 @@ def main(argv: list[str] | None = None) -> int:
     results = new_results(cfg, device)
     keep_aside(json_path)
     print(f"training {len(results['runs'])} runs of {cfg.samples:,} samples on {device} ({threads_per_run(cfg)} threads per run, {cfg.jobs} job(s)); results: {json_path}", flush=True)
-    run_all(cfg, data if cfg.jobs == 1 else None, device, results, lambda: write_json_atomic(results, json_path))
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        run_all(cfg, data, device, results, lambda: write_json_atomic(results, json_path))
+        code = 3 if any(r["status"] != "done" for r in results["runs"]) else 0
+    except (KeyboardInterrupt, Interrupted) as exc:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break the save below
+            signal.signal(sig, signal.SIG_IGN)
+        code = exc.code if isinstance(exc, Interrupted) else 130
+        for r in results["runs"]:
+            if r["status"] == "running":
+                r["status"] = "interrupted"
+        print("\ninterrupted: saving what was measured", file=sys.stderr, flush=True)
     write_json_atomic(results, json_path)
     plt.close(plot_results(results, png_path))
     print(results_table(results))
     print(f"figure: {png_path}\nresults: {json_path}")
-    return 3 if any(r["status"] != "done" for r in results["runs"]) else 0
+    if code >= 128:
+        print(f"stopped by a signal (exit {code}): the evaluations so far are in {json_path}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
