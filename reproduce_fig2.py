@@ -114,6 +114,7 @@ class Data:
     train: torch.Tensor  # what training draws minibatches from (grey levels)
     train_eval: torch.Tensor  # the training set as scored by the evaluator
     test_eval: torch.Tensor  # the test set as scored by the evaluator
+    digest: str = ""  # SHA-256 of the four raw files, part of a run's fingerprint
 
 
 def raw_folder(data_dir: str) -> str:
@@ -186,16 +187,26 @@ def load_split(data_dir: str, split: str, verify: bool = True) -> torch.Tensor:
     return images.unsqueeze(1).to(torch.float32).div_(255)
 
 
+def files_digest(data_dir: str) -> str:
+    """SHA-256 of the four raw MNIST files, in a fixed order."""
+    h = hashlib.sha256()
+    for name in (n for pair in MNIST_FILES.values() for n in pair):
+        with open(os.path.join(raw_folder(data_dir), name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
 def load_data(data_dir: str, device: torch.device, binarize: bool, seed: int, verify: bool = True, download: bool = True) -> Data:
     """Both MNIST splits, resident on `device`; evaluation sets binarized once when `binarize`."""
     ensure_mnist(data_dir, download=download)
     train, test = load_split(data_dir, "train", verify), load_split(data_dir, "test", verify)
+    digest = files_digest(data_dir)
     if binarize:
         fixed = torch.Generator().manual_seed(seed)  # the same binary evaluation sets every time
         train_eval, test_eval = torch.bernoulli(train, generator=fixed), torch.bernoulli(test, generator=fixed)
-        return Data(train.to(device), train_eval.to(device), test_eval.to(device))
+        return Data(train.to(device), train_eval.to(device), test_eval.to(device), digest)
     train = train.to(device)
-    return Data(train, train, test.to(device))
+    return Data(train, train, test.to(device), digest)
 
 
 # ---------------------------------------------------------------------------- model
@@ -344,15 +355,15 @@ def compiled_step(step: Callable[[torch.Tensor], torch.Tensor], vae: VAE, opts: 
     return lambda x: state["fn"](x)
 
 
-def make_step(method: str, vae: VAE, lr: float, device: torch.device, compile_step: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training step for `method`, with its optimisers, compiled when asked."""
+def make_step(method: str, vae: VAE, lr: float, device: torch.device, compile_step: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.optim.Adagrad]]:
+    """The training step for `method` (compiled when asked) and the optimisers it updates."""
     opts = make_optimizers(vae, method, lr, fused=device.type == "cpu" and not compile_step)
     step_fn = STEPS[method]
 
     def step(x: torch.Tensor) -> torch.Tensor:
         return step_fn(vae, opts, x)
 
-    return compiled_step(step, vae, opts) if compile_step else step
+    return (compiled_step(step, vae, opts) if compile_step else step), opts
 
 
 def eval_schedule(target: int, batch_size: int = BATCH_SIZE, start: int = EVAL_START_SAMPLES, per_decade: int = EVALS_PER_DECADE) -> list[int]:
@@ -366,19 +377,62 @@ def eval_schedule(target: int, batch_size: int = BATCH_SIZE, start: int = EVAL_S
     return sorted({p for p in points if p < end} | {end})
 
 
-def train_steps(step: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, schedule: Iterable[int], batch_size: int, binarize: bool) -> Iterator[tuple[int, torch.Tensor]]:
-    """Minibatch steps over fresh permutations of `images`; yields (samples, last loss) at each schedule point."""
-    n_batches = len(images) // batch_size  # the incomplete last batch of an epoch is dropped
-    batches, pos, samples, loss = None, n_batches, 0, torch.zeros(())
+STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
+
+
+def request_stop(signum: int, frame: object) -> None:
+    """Signal handler: ask training to stop after the current step (further signals change nothing)."""
+    if not STOP_REQUEST:
+        STOP_REQUEST.append(signum)
+
+
+class Interrupted(BaseException):
+    """Training stopped on request (Ctrl-C or SIGTERM); `code` is the exit status, 128 + signal."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Batches:
+    """Minibatches of a resident image tensor, from a fresh random permutation each epoch."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int) -> None:
+        self.images, self.batch_size = images, batch_size
+        self.per_epoch = len(images) // batch_size  # the incomplete last batch of an epoch is dropped
+        self.order: torch.Tensor | None = None
+        self.pos = self.per_epoch
+
+    def next(self) -> torch.Tensor:
+        """The next minibatch, [batch_size, 1, 28, 28]."""
+        if self.pos == self.per_epoch:
+            perm = torch.randperm(len(self.images), device=self.images.device)
+            self.order, self.pos = perm[: self.per_epoch * self.batch_size].view(self.per_epoch, self.batch_size), 0
+        assert self.order is not None
+        self.pos += 1
+        return self.images[self.order[self.pos - 1]]
+
+    def state(self) -> dict:
+        """The current epoch's permutation and the position in it."""
+        return {"order": None if self.order is None else self.order.cpu(), "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from a state() taken earlier."""
+        self.order = None if state["order"] is None else state["order"].to(self.images.device)
+        self.pos = state["pos"]
+
+
+def train_steps(step: Callable[[torch.Tensor], torch.Tensor], batches: Batches, schedule: Iterable[int], binarize: bool, samples: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """Training steps from `samples` on; yields (samples, last loss) at each schedule point, or early on a stop request."""
+    loss = torch.zeros(())
     for target in schedule:
         while samples < target:
-            if pos == n_batches:
-                perm = torch.randperm(len(images), device=images.device)
-                batches, pos = perm[: n_batches * batch_size].view(n_batches, batch_size), 0
-            x = images[batches[pos]]
-            pos += 1
+            x = batches.next()
             loss = step(torch.bernoulli(x) if binarize else x)
-            samples += batch_size
+            samples += batches.batch_size
+            if STOP_REQUEST:
+                yield samples, loss
+                return
         yield samples, loss
 
 
@@ -405,6 +459,7 @@ class Config:
     verify_data: bool = VERIFY_DATA
     out_dir: str = OUT_DIR
     plot_only: bool = False
+    fresh: bool = False
     benchmark: bool = False
     benchmark_steps: int = BENCHMARK_STEPS
 
@@ -435,10 +490,12 @@ def pick_lr(method: str, latent_dim: int, cfg: Config, data: Data, device: torch
     for lr in LR_CANDIDATES:
         seed_everything(setting_seed(cfg.seed, method, latent_dim))
         vae = build_vae(latent_dim, cfg.hidden_size).to(device)
-        step = make_step(method, vae, lr, device, compile_step=False)
+        step, _ = make_step(method, vae, lr, device, compile_step=False)
         pilot = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)
-        for _, loss in train_steps(step, data.train, pilot, cfg.batch_size, cfg.binarize):
+        for _, loss in train_steps(step, Batches(data.train, cfg.batch_size), pilot, cfg.binarize):
             pass
+        if STOP_REQUEST:
+            raise Interrupted(128 + STOP_REQUEST[0])
         score = evaluate_elbo(vae, data.train_eval, cfg.seed)["elbo"] if bool(torch.isfinite(loss)) else -math.inf
         scores[repr(lr)] = score if math.isfinite(score) else -math.inf
         print(f"[{method} N_z={latent_dim}] pilot lr {lr}: train ELBO {scores[repr(lr)]:.3f} after {pilot[-1]:,} samples", flush=True)
@@ -447,49 +504,169 @@ def pick_lr(method: str, latent_dim: int, cfg: Config, data: Data, device: torch
     return best, scores
 
 
-def train_run(method: str, latent_dim: int, cfg: Config, data: Data, device: torch.device, on_eval: Callable[[dict], None], progress: bool = True) -> dict:
+def train_run(method: str, latent_dim: int, cfg: Config, data: Data, device: torch.device, on_eval: Callable[[dict], None], progress: bool = True, store: "Checkpoints | None" = None) -> dict:
     """Train one (method, N_z) setting and evaluate it along the schedule; returns its run record.
 
     `on_eval` receives the record after every evaluation, so the caller can save it at once.
+    With a checkpoint store, the run continues from its checkpoint if there is one, writes a
+    new one at every evaluation and on a stop request, and drops it once the run is done.
     """
-    run: dict = {"method": method, "latent_dim": latent_dim, "seed": setting_seed(cfg.seed, method, latent_dim), "status": "running", "evals": []}
-    if cfg.lr == "auto":
-        run["lr"], run["lr_pilot_scores"] = pick_lr(method, latent_dim, cfg, data, device)
+    ckpt = store.load(method, latent_dim) if store else None
+    if ckpt is not None:
+        run = ckpt["run"] | {"status": "running"}
     else:
-        run["lr"] = float(cfg.lr)
+        run = {"method": method, "latent_dim": latent_dim, "seed": setting_seed(cfg.seed, method, latent_dim), "status": "running", "evals": []}
+        if cfg.lr == "auto":
+            run["lr"], run["lr_pilot_scores"] = pick_lr(method, latent_dim, cfg, data, device)
+        else:
+            run["lr"] = float(cfg.lr)
     seed_everything(run["seed"])
     vae = build_vae(latent_dim, cfg.hidden_size).to(device)
-    step = make_step(method, vae, run["lr"], device, use_compile(cfg))
+    step, opts = make_step(method, vae, run["lr"], device, use_compile(cfg))
+    batches, samples, wall_offset = Batches(data.train, cfg.batch_size), 0, 0.0
+    if ckpt is not None:
+        vae.load_state_dict(ckpt["model"])
+        for opt, state in zip(opts, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        batches.load_state(ckpt["batches"])
+        set_rng_state(ckpt["rng"], device)
+        samples, wall_offset = ckpt["samples"], run["evals"][-1]["wall_seconds"] if run["evals"] else 0.0
+        print(f"[{method} N_z={latent_dim}] resumed from its checkpoint at {samples:,} samples", flush=True)
+
+    def save_checkpoint() -> None:
+        if store:
+            store.save(method, latent_dim, {"run": copy.deepcopy(run), "samples": samples, "model": vae.state_dict(),
+                                            "optimizers": [o.state_dict() for o in opts], "batches": batches.state(), "rng": rng_state(device)})
+
     schedule = eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)
-    bar = tqdm(total=schedule[-1], unit="samples", unit_scale=True, desc=f"{method} N_z={latent_dim}", disable=None if progress else True, mininterval=1.0, leave=False)
-    start, done = time.perf_counter(), 0
-    for samples, loss in train_steps(step, data.train, schedule, cfg.batch_size, cfg.binarize):
+    bar = tqdm(total=schedule[-1], initial=samples, unit="samples", unit_scale=True, desc=f"{method} N_z={latent_dim}", disable=None if progress else True, mininterval=1.0, leave=False)
+    start = time.perf_counter() - wall_offset
+    done = samples
+    for samples, loss in train_steps(step, batches, [p for p in schedule if p > samples], cfg.binarize, samples):
         bar.update(samples - done)
         done = samples
-        train_m = evaluate_elbo(vae, data.train_eval, cfg.seed)
-        test_m = evaluate_elbo(vae, data.test_eval, cfg.seed)
-        values = [*train_m.values(), *test_m.values(), float(loss)]
-        if not all(math.isfinite(v) for v in values):
-            run["status"], run["diverged_at"] = "diverged", samples
-            tqdm.write(f"warning: [{method} N_z={latent_dim}] diverged (non-finite loss or ELBO) at {samples:,} samples; this run stops here")
-            break
-        e = {
-            "samples": samples,
-            "train_elbo": train_m["elbo"], "test_elbo": test_m["elbo"],
-            "train_log_likelihood": train_m["log_likelihood"], "train_kl": train_m["kl"],
-            "test_log_likelihood": test_m["log_likelihood"], "test_kl": test_m["kl"],
-            "wall_seconds": time.perf_counter() - start,
-        }
-        run["evals"].append(e)
-        bar.set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
-        if progress:
-            tqdm.write(fmt_eval(method, latent_dim, e))
-        on_eval(run)
+        if samples in schedule:
+            train_m = evaluate_elbo(vae, data.train_eval, cfg.seed)
+            test_m = evaluate_elbo(vae, data.test_eval, cfg.seed)
+            values = [*train_m.values(), *test_m.values(), float(loss)]
+            if not all(math.isfinite(v) for v in values):
+                run["status"], run["diverged_at"] = "diverged", samples
+                tqdm.write(f"warning: [{method} N_z={latent_dim}] diverged (non-finite loss or ELBO) at {samples:,} samples; this run stops here, its last good checkpoint is kept")
+                break
+            e = {
+                "samples": samples,
+                "train_elbo": train_m["elbo"], "test_elbo": test_m["elbo"],
+                "train_log_likelihood": train_m["log_likelihood"], "train_kl": train_m["kl"],
+                "test_log_likelihood": test_m["log_likelihood"], "test_kl": test_m["kl"],
+                "wall_seconds": time.perf_counter() - start,
+            }
+            run["evals"].append(e)
+            bar.set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
+            if progress:
+                tqdm.write(fmt_eval(method, latent_dim, e))
+        if STOP_REQUEST or samples in schedule:
+            save_checkpoint()  # written before the JSON: a kill in between loses nothing
+            on_eval(run)
+        if STOP_REQUEST:
+            bar.close()
+            raise Interrupted(128 + STOP_REQUEST[0])
     else:
         run["status"] = "done"
+        if store:
+            store.remove(method, latent_dim)
     bar.close()
     on_eval(run)
     return run
+
+
+def rng_state(device: torch.device) -> dict:
+    """Python, numpy and torch (CPU, and CUDA when used) random states, as plain tensors and lists."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state() took."""
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, worded as one line for the user."""
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """One checkpoint file per (method, N_z) run under OUT_DIR/checkpoints/, tied to a fingerprint."""
+
+    folder: str
+    fingerprint: dict
+
+    def path(self, method: str, latent_dim: int) -> str:
+        """Where the checkpoint of one run lives."""
+        return os.path.join(self.folder, f"{method}_nz{latent_dim}.pt")
+
+    def save(self, method: str, latent_dim: int, state: dict) -> None:
+        """Write a checkpoint atomically: a kill at any instant leaves the old file or the new one."""
+        os.makedirs(self.folder, exist_ok=True)
+        path = self.path(method, latent_dim)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save({"fingerprint": self.fingerprint} | state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def load(self, method: str, latent_dim: int) -> dict | None:
+        """The run's checkpoint, None if it has none; CheckpointError if unreadable or from other settings."""
+        path = self.path(method, latent_dim)
+        if not os.path.exists(path):
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            fingerprint = state["fingerprint"]
+        except Exception as exc:  # truncated, foreign or corrupt: say which file and why
+            raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}); pass --fresh to start over (the old files are kept aside)") from None
+        if fingerprint != self.fingerprint:
+            raise CheckpointError(f"checkpoint {path} was made with other settings: {fingerprint_difference(fingerprint, self.fingerprint)}; pass --fresh to start over, or use another --out-dir")
+        return state
+
+    def remove(self, method: str, latent_dim: int) -> None:
+        """Drop a finished run's checkpoint: its evaluations are all in the JSON."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(method, latent_dim))
+
+
+def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
+    """Everything that changes a run's numbers: settings, constants, data and package versions."""
+    import pyautoencoder
+
+    return {
+        "samples": cfg.samples, "eval_start": cfg.eval_start, "evals_per_decade": cfg.evals_per_decade, "lr": cfg.lr,
+        "lr_pilot_samples": cfg.lr_pilot_samples, "lr_candidates": list(LR_CANDIDATES), "batch_size": cfg.batch_size,
+        "hidden_size": cfg.hidden_size, "binarize": cfg.binarize, "seed": cfg.seed, "device": device.type,
+        "threads": threads_per_run(cfg), "compiled": use_compile(cfg), "mc_samples": MC_SAMPLES, "weight_decay": WEIGHT_DECAY,
+        "init_std": INIT_STD, "eval_batch_size": EVAL_BATCH_SIZE, "data_sha256": data.digest,
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "pyautoencoder": pyautoencoder.__version__, "numpy": np.__version__,
+    }
+
+
+def fingerprint_difference(old: dict, new: dict) -> str:
+    """The settings that differ between two fingerprints, as 'name old -> new'."""
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "none"
 
 
 # ---------------------------------------------------------------------------- running every setting
@@ -515,55 +692,80 @@ def threads_per_run(cfg: Config) -> int:
     return cfg.threads or max(1, cpu_count() // cfg.jobs)
 
 
-def _worker(cfg: Config, method: str, latent_dim: int, messages: "queue.Queue") -> dict:
-    """One (method, N_z) run in a worker process; evaluations go back through `messages`."""
+FINISHED = ("done", "diverged")  # statuses of runs that a rerun skips
+_MESSAGES: "multiprocessing.Queue | None" = None  # a worker's channel back to the main process
+
+
+def _init_worker(messages: "multiprocessing.Queue") -> None:
+    """Set up a worker process: its message channel and the stop-at-step-boundary signal handlers."""
+    global _MESSAGES
+    _MESSAGES = messages
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
+
+def _worker(cfg: Config, method: str, latent_dim: int, store: Checkpoints | None) -> dict:
+    """One (method, N_z) run in a worker process; evaluations go back through the message channel."""
     torch.set_num_threads(threads_per_run(cfg))
     device = resolve_device(cfg.device)
     data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
-    return train_run(method, latent_dim, cfg, data, device, lambda run: messages.put(copy.deepcopy(run)), progress=False)
+    assert _MESSAGES is not None
+    return train_run(method, latent_dim, cfg, data, device, lambda run: _MESSAGES.put(copy.deepcopy(run)), progress=False, store=store)
 
 
-def run_all(cfg: Config, data: Data, device: torch.device, results: dict, save: Callable[[], None]) -> None:
-    """Train every (method, N_z) setting, in this process or in cfg.jobs workers, saving after each evaluation."""
+def run_all(cfg: Config, data: Data, device: torch.device, results: dict, save: Callable[[], None], store: Checkpoints | None = None) -> None:
+    """Train every unfinished (method, N_z) setting, here or in cfg.jobs workers, saving after each evaluation."""
     runs = {(r["method"], r["latent_dim"]): r for r in results["runs"]}
+    todo = [key for key in settings_of(cfg) if runs[key]["status"] not in FINISHED]
+    for method, latent_dim in settings_of(cfg):
+        if (method, latent_dim) not in todo:
+            print(f"[{method} N_z={latent_dim}] already {runs[(method, latent_dim)]['status']}: skipped", flush=True)
 
     def update(run: dict) -> None:
         runs[(run["method"], run["latent_dim"])].update(run)
         save()
 
-    if cfg.jobs == 1 or len(runs) == 1:
-        for method, latent_dim in settings_of(cfg):
+    if cfg.jobs == 1 or len(todo) <= 1:
+        for method, latent_dim in todo:
             runs[(method, latent_dim)]["status"] = "running"
             try:
-                train_run(method, latent_dim, cfg, data, device, update)
+                train_run(method, latent_dim, cfg, data, device, update, store=store)
             except Exception as exc:  # one broken run must not cost the others
                 fail(runs[(method, latent_dim)], exc)
                 save()
         return
     ctx = multiprocessing.get_context("spawn")
-    with multiprocessing.Manager() as manager, concurrent.futures.ProcessPoolExecutor(min(cfg.jobs, len(runs)), mp_context=ctx) as pool:
-        messages = manager.Queue()
-        futures = {pool.submit(_worker, cfg, m, d, messages): (m, d) for m, d in settings_of(cfg)}
-        try:
-            collect(futures, messages, runs, update, save)
-        except BaseException:  # Ctrl-C or SIGTERM: stop the workers now, the caller saves what exists
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in list(getattr(pool, "_processes", {}).values()):  # no public way to stop running tasks
-                process.terminate()
-            raise
+    messages = ctx.Queue()
+    with concurrent.futures.ProcessPoolExecutor(min(cfg.jobs, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(messages,)) as pool:
+        futures = {pool.submit(_worker, cfg, m, d, store): (m, d) for m, d in todo}
+        collect(futures, messages, runs, update, save, pool)
+    if STOP_REQUEST:
+        raise Interrupted(128 + STOP_REQUEST[0])
 
 
-def collect(futures: dict, messages: "queue.Queue", runs: dict, update: Callable[[dict], None], save: Callable[[], None]) -> None:
-    """Receive the workers' evaluations until every run has ended, saving after each one."""
-    pending = set(futures)
+def collect(futures: dict, messages: "multiprocessing.Queue", runs: dict, update: Callable[[dict], None], save: Callable[[], None], pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Receive the workers' evaluations until every run has ended, saving after each one.
+
+    On a stop request the runs not yet started are cancelled and the running workers are sent
+    the same signal, so that each writes its checkpoint at a step boundary and stops.
+    """
+    pending, forwarded = set(futures), False
     while pending or not messages.empty():
+        if STOP_REQUEST and not forwarded:
+            forwarded = True
+            for f in pending:
+                f.cancel()
+            for process in list(getattr(pool, "_processes", {}).values()):  # no public handle on the workers
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, STOP_REQUEST[0])
         try:
-            run = messages.get(timeout=0.5)
+            run = messages.get(timeout=0.2)
         except queue.Empty:
             finished = {f for f in pending if f.done()}
             for f in finished:
-                if f.exception() is not None:
-                    fail(runs[futures[f]], f.exception())
+                exc = None if f.cancelled() else f.exception()
+                if exc is not None and not isinstance(exc, Interrupted):
+                    fail(runs[futures[f]], exc)
                     save()
             pending -= finished
             continue
@@ -749,9 +951,9 @@ def benchmark(cfg: Config, device: torch.device, steps: int, windows: int = BENC
     gflops = matmul_gflops(device)
     seed_everything(cfg.seed)
     vae = build_vae(20, cfg.hidden_size).to(device)
-    step = make_step("aevb", vae, float(LEARNING_RATE), device, compiled)
+    step, _ = make_step("aevb", vae, float(LEARNING_RATE), device, compiled)
     every_step = itertools.count(cfg.batch_size, cfg.batch_size)
-    ours_steps = (loss for _, loss in train_steps(step, data.train, every_step, cfg.batch_size, False))
+    ours_steps = (loss for _, loss in train_steps(step, Batches(data.train, cfg.batch_size), every_step, False))
     ours = windows_per_second(ours_steps, steps, windows, cfg.batch_size)
     baseline = windows_per_second(dataloader_steps(cfg, device, source == "real MNIST"), steps, windows, cfg.batch_size)
     eval_times = []
@@ -834,6 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive(int), default=d.jobs, help="runs trained side by side in worker processes")
     p.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile, help=f"torch.compile the training step (auto: runs of at least {COMPILE_MIN_SAMPLES:,} samples)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON in --out-dir, no training")
+    p.add_argument("--fresh", action="store_true", help="start over: keep the earlier results and checkpoints aside instead of continuing them")
     p.add_argument("--benchmark", action="store_true", help="print training and evaluation speed for N_z = 20, no training run")
     p.add_argument("--benchmark-steps", type=positive(int), default=BENCHMARK_STEPS, help="steps per timing window of --benchmark")
     return p
@@ -869,31 +1072,46 @@ def parse_config(argv: list[str] | None = None) -> Config:
         eval_start=a.eval_start, evals_per_decade=a.evals_per_decade, lr=a.lr, lr_pilot_samples=a.lr_pilot_samples,
         batch_size=a.batch_size, hidden_size=a.hidden_size, binarize=a.binarize, seed=a.seed, device=a.device,
         threads=a.threads, jobs=a.jobs, compile=a.compile, data_dir=a.data_dir, verify_data=a.verify_data, out_dir=a.out_dir,
-        plot_only=a.plot_only, benchmark=a.benchmark, benchmark_steps=a.benchmark_steps,
+        plot_only=a.plot_only, fresh=a.fresh, benchmark=a.benchmark, benchmark_steps=a.benchmark_steps,
     )
 
 
 # ---------------------------------------------------------------------------- main
-class Interrupted(BaseException):
-    """Raised by SIGTERM, so the run stops the way Ctrl-C stops it; `code` is the exit status."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"signal {code - 128}")
-        self.code = code
-
-
-def raise_interrupted(signum: int, frame: object) -> None:
-    """Signal handler: turn SIGTERM into an Interrupted exception."""
-    raise Interrupted(128 + signum)
-
-
 def keep_aside(path: str) -> None:
-    """Move an earlier results file out of the way rather than overwrite it."""
+    """Move an earlier results file or checkpoint folder out of the way (time-stamped) rather than delete it."""
     if os.path.exists(path):
         stem, ext = os.path.splitext(path)
         aside = f"{stem}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(os.path.getmtime(path)))}{ext}"
         os.replace(path, aside)
-        print(f"kept the earlier results aside as {aside}")
+        print(f"kept {path} aside as {aside}")
+
+
+def resume_results(cfg: Config, device: torch.device, fp: dict, json_path: str, store: Checkpoints) -> dict:
+    """The results to continue: the earlier file's runs when made with the same fingerprint, else new ones.
+
+    Raises CheckpointError, naming the file and the differing settings, when the earlier results
+    or a checkpoint cannot be used.
+    """
+    results = new_results(cfg, device) | {"fingerprint": fp}
+    old = None
+    if os.path.exists(json_path):
+        try:
+            with open(json_path) as f:
+                old = json.load(f)
+        except ValueError:
+            raise CheckpointError(f"{json_path} cannot be read; pass --fresh to start over (the old files are kept aside)") from None
+        if old.get("fingerprint") != fp:
+            raise CheckpointError(
+                f"{json_path} was made with other settings: {fingerprint_difference(old.get('fingerprint') or {}, fp)}; "
+                "pass --fresh to start over (the old files are kept aside), or use another --out-dir"
+            )
+    for method, latent_dim in settings_of(cfg):
+        store.load(method, latent_dim)  # refuses an unreadable or foreign checkpoint before any work
+    if old:
+        earlier = {(r["method"], r["latent_dim"]): r for r in old["runs"]}
+        now = [earlier.pop((r["method"], r["latent_dim"]), r) for r in results["runs"]]
+        results["runs"] = now + list(earlier.values())  # runs of other settings stay in the file
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -923,27 +1141,35 @@ def main(argv: list[str] | None = None) -> int:
     if len(data.train) < cfg.batch_size:
         print(f"error: the training set holds {len(data.train)} images, fewer than one minibatch ({cfg.batch_size})", file=sys.stderr)
         return 1
-    results = new_results(cfg, device)
-    keep_aside(json_path)
-    print(f"training {len(results['runs'])} runs of {cfg.samples:,} samples on {device} ({threads_per_run(cfg)} threads per run, {cfg.jobs} job(s)); results: {json_path}", flush=True)
-    signal.signal(signal.SIGTERM, raise_interrupted)
+    store = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), fingerprint(cfg, data, device))
+    if cfg.fresh:
+        keep_aside(json_path)
+        keep_aside(store.folder)
     try:
-        run_all(cfg, data, device, results, lambda: write_json_atomic(results, json_path))
+        results = resume_results(cfg, device, store.fingerprint, json_path, store)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"training {len(settings_of(cfg))} runs of {cfg.samples:,} samples on {device} ({threads_per_run(cfg)} threads per run, {cfg.jobs} job(s)); results: {json_path}", flush=True)
+    STOP_REQUEST.clear()
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_all(cfg, data, device, results, lambda: write_json_atomic(results, json_path), store)
         code = 3 if any(r["status"] != "done" for r in results["runs"]) else 0
-    except (KeyboardInterrupt, Interrupted) as exc:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break the save below
-            signal.signal(sig, signal.SIG_IGN)
-        code = exc.code if isinstance(exc, Interrupted) else 130
+    except Interrupted as exc:
+        code = exc.code
         for r in results["runs"]:
             if r["status"] == "running":
                 r["status"] = "interrupted"
-        print("\ninterrupted: saving what was measured", file=sys.stderr, flush=True)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     write_json_atomic(results, json_path)
     plt.close(plot_results(results, png_path))
     print(results_table(results))
     print(f"figure: {png_path}\nresults: {json_path}")
     if code >= 128:
-        print(f"stopped by a signal (exit {code}): the evaluations so far are in {json_path}", file=sys.stderr)
+        print(f"stopped by signal {code - 128}: checkpoints are in {store.folder}; run the same command again to continue", file=sys.stderr)
     return code
 
 

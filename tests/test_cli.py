@@ -114,9 +114,16 @@ def test_main_end_to_end_json_png_and_plot_only(mnist_dir: Path, tmp_path: Path,
     png.unlink()
     assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
     assert png.exists()
-    # a second run keeps the first one's results aside instead of overwriting them
+    # the same command again finds every run finished and loses nothing
+    before = measured(out / rf.RESULTS_NAME)
     assert rf.main(tiny_args(mnist_dir, out, "--methods", "aevb")) == 0
-    assert len(list(out.glob("vae_mnist_fig2_repro.*.json"))) == 1
+    assert "[aevb N_z=3] already done: skipped" in capsys.readouterr().out
+    assert measured(out / rf.RESULTS_NAME) == before  # the wake-sleep runs stay in the file
+    assert not list((out / "checkpoints").iterdir())  # finished runs keep no checkpoint
+    # --fresh starts over and keeps the earlier results and checkpoints aside
+    assert rf.main(tiny_args(mnist_dir, out, "--methods", "aevb", "--fresh")) == 0
+    assert len(list(out.glob("vae_mnist_fig2_repro.*.json"))) == 1 and len(list(out.glob("checkpoints.*"))) == 1
+    assert [r["method"] for r in json.loads((out / rf.RESULTS_NAME).read_text())["runs"]] == ["aevb", "aevb"]
 
 
 def test_plot_only_without_results_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
