@@ -187,7 +187,7 @@ def test_forced_compile_failure_falls_back_to_eager(synthetic_data: rf.Data, mon
     for compile_step in (True, False):
         torch.manual_seed(0)
         vae = rf.build_vae(3, 16)
-        step = rf.make_step("aevb", vae, 0.02, torch.device("cpu"), compile_step=compile_step)
+        step, _ = rf.make_step("aevb", vae, 0.02, torch.device("cpu"), compile_step=compile_step)
         losses.append([float(step(x)) for _ in range(3)] + [float(p.detach().sum()) for p in vae.parameters()])
     # the fallback's Adagrad is the foreach kernel where eager uses the fused one: same maths, float rounding apart
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
