@@ -551,7 +551,7 @@ def train_run(method: str, latent_dim: int, cfg: Config, data: Data, device: tor
             values = [*train_m.values(), *test_m.values(), float(loss)]
             if not all(math.isfinite(v) for v in values):
                 run["status"], run["diverged_at"] = "diverged", samples
-                tqdm.write(f"warning: [{method} N_z={latent_dim}] diverged (non-finite loss or ELBO) at {samples:,} samples; this run stops here, its last good checkpoint is kept")
+                tqdm.write(f"warning: [{method} N_z={latent_dim}] diverged (non-finite loss or ELBO) at {samples:,} samples; this run stops here, its last good checkpoint is kept", file=sys.stderr)
                 break
             e = {
                 "samples": samples,
@@ -659,7 +659,7 @@ def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
         "hidden_size": cfg.hidden_size, "binarize": cfg.binarize, "seed": cfg.seed, "device": device.type,
         "threads": threads_per_run(cfg), "compiled": use_compile(cfg), "mc_samples": MC_SAMPLES, "weight_decay": WEIGHT_DECAY,
         "init_std": INIT_STD, "eval_batch_size": EVAL_BATCH_SIZE, "data_sha256": data.digest,
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "pyautoencoder": pyautoencoder.__version__, "numpy": np.__version__,
+        "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "pyautoencoder": str(pyautoencoder.__version__), "numpy": str(np.__version__),
     }
 
 

@@ -1,0 +1,154 @@
+"""Long runs you can trust: checkpoints, resume after SIGKILL or Ctrl-C, fingerprints, divergence."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import reproduce_fig2 as rf
+from conftest import tiny_args
+from test_cli import measured
+
+SCRIPT = str(Path(rf.__file__))
+
+
+def resumable_args(mnist_dir: Path, out: Path, *extra: str) -> list[str]:
+    """A run of a few seconds whose first checkpoint comes early."""
+    return tiny_args(mnist_dir, out, "--latent-dims", "2", "--methods", "aevb", "--hidden-size", "64", "--samples", "40000", *extra)
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def reference(mnist_dir: Path, tmp_path: Path) -> list[tuple]:
+    """The evaluation values of the same run, uninterrupted."""
+    assert rf.main(resumable_args(mnist_dir, tmp_path / "reference")) == 0
+    return measured(tmp_path / "reference" / rf.RESULTS_NAME)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_numbers(mnist_dir: Path, tmp_path: Path, reference: list[tuple]) -> None:
+    out = tmp_path / "out"
+    proc = start(resumable_args(mnist_dir, out))
+    try:
+        wait_for(out / "checkpoints" / "aevb_nz2.pt", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    result = subprocess.run([sys.executable, SCRIPT, *resumable_args(mnist_dir, out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[aevb N_z=2] resumed from its checkpoint at" in result.stdout
+    assert measured(out / rf.RESULTS_NAME) == reference
+    assert not (out / "checkpoints" / "aevb_nz2.pt").exists()  # a finished run drops its checkpoint
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_checkpoints_saves_and_resumes_exactly(sig: int, code: int, mnist_dir: Path, tmp_path: Path, reference: list[tuple]) -> None:
+    out = tmp_path / "out"
+    proc = start(resumable_args(mnist_dir, out, "--latent-dims", "2", "3"))
+    try:
+        wait_for(out / "checkpoints" / "aevb_nz2.pt", proc)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    assert "run the same command again to continue" in stderr and "Traceback" not in stderr
+    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    assert runs[0]["status"] == "interrupted" and runs[0]["evals"] and runs[1]["status"] == "pending"
+    assert (out / rf.FIGURE_NAME).exists() and (out / "checkpoints" / "aevb_nz2.pt").exists()
+    assert rf.main(resumable_args(mnist_dir, out, "--latent-dims", "2", "3")) == 0
+    assert measured(out / rf.RESULTS_NAME)[:1] == reference
+
+
+def test_other_settings_refuse_to_resume(mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    assert rf.main(tiny_args(mnist_dir, out, "--seed", "7")) == 2
+    err = capsys.readouterr().err
+    assert "seed 1926 -> 7" in err and "--fresh" in err and len(err.strip().splitlines()) == 1
+    assert rf.main(tiny_args(mnist_dir, out, "--seed", "7", "--fresh")) == 0
+
+
+def test_an_unreadable_checkpoint_is_reported_not_discarded(mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    proc = start(resumable_args(mnist_dir, out))
+    try:
+        wait_for(out / "checkpoints" / "aevb_nz2.pt", proc)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    ckpt = out / "checkpoints" / "aevb_nz2.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert rf.main(resumable_args(mnist_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "cannot be read" in err and "--fresh" in err
+    assert ckpt.stat().st_size == 1000  # still there, untouched
+    assert rf.main(resumable_args(mnist_dir, out, "--fresh")) == 0
+    assert [p.name for p in out.glob("checkpoints.*/aevb_nz2.pt")] == ["aevb_nz2.pt"]  # kept aside
+
+
+def test_divergence_stops_that_run_only_and_exits_3(mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    original = rf.aevb_step
+
+    def poisoned(vae, opts, x):  # type: ignore[no-untyped-def]
+        loss = original(vae, opts, x)
+        if vae.latent_dim == 2:
+            with torch.no_grad():
+                vae.decoder[2].weight.mul_(float("nan"))
+        return loss
+
+    monkeypatch.setitem(rf.STEPS, "aevb", poisoned)
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 3
+    runs = {(r["method"], r["latent_dim"]): r for r in json.loads((out / rf.RESULTS_NAME).read_text())["runs"]}
+    assert runs[("aevb", 2)]["status"] == "diverged" and runs[("aevb", 2)]["diverged_at"] == 450
+    assert all(r["status"] == "done" for k, r in runs.items() if k != ("aevb", 2))
+    assert "warning: [aevb N_z=2] diverged" in capsys.readouterr().err
+    fig_lines = rf.plot_results(json.loads((out / rf.RESULTS_NAME).read_text()), str(tmp_path / "f.png")).axes[0].get_lines()
+    assert len(fig_lines) == 2  # WS drawn; the diverged AEVB run has no good point to draw
+
+
+SAVE_LOOP = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import reproduce_fig2 as rf
+store = rf.Checkpoints({folder!r}, {{"x": 1}})
+state = {{"model": torch.randn(300, 300), "run": {{"evals": []}}}}
+i = 0
+while True:
+    i += 1
+    rf.write_json_atomic({{"i": i, "data": list(range(20000))}}, {json!r})
+    store.save("aevb", 3, state | {{"i": i}})
+    print(i, flush=True)
+"""
+
+
+def test_a_kill_during_saves_never_leaves_a_broken_file(tmp_path: Path) -> None:
+    code = SAVE_LOOP.format(root=str(Path(SCRIPT).parent), folder=str(tmp_path / "ck"), json=str(tmp_path / "r.json"))
+    for delay in (0.9, 1.3, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip()  # at least one save completed
+        time.sleep(delay / 10)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert json.loads((tmp_path / "r.json").read_text())["i"] >= 1
+        assert rf.Checkpoints(str(tmp_path / "ck"), {"x": 1}).load("aevb", 3)["i"] >= 1
