@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -170,34 +166,6 @@ def test_figure_widens_the_range_only_to_fit_and_draws_aevb_alone(tmp_path: Path
     lo, hi = ax.get_ylim()
     assert lo < -181 and hi == -95.0
     plt.close(fig)
-
-
-def wait_for_first_eval(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Block until the results file holds an evaluation (or the process ends)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and any(r["evals"] for r in json.loads(path.read_text())["runs"]):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no evaluation appeared in {path}; exit status {proc.poll()}")
-
-
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_saves_what_was_measured(sig: int, code: int, mnist_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    args = tiny_args(mnist_dir, out, "--samples", "1e8", "--eval-start", "100", "--evals-per-decade", "10", "--methods", "aevb")
-    proc = subprocess.Popen([sys.executable, str(Path(rf.__file__)), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_first_eval(out / rf.RESULTS_NAME, proc)
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, stderr
-    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
-    assert runs[0]["status"] == "interrupted" and runs[0]["evals"]
-    assert runs[1]["status"] == "pending"
-    assert (out / rf.FIGURE_NAME).exists() and "Traceback" not in stderr
 
 
 def test_benchmark_smoke_prints_every_field(mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
