@@ -72,7 +72,7 @@ def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     return [
         "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--no-verify-data",
         "--latent-dims", "2", "3", "--samples", "1200", "--eval-start", "300", "--evals-per-decade", "3",
-        "--hidden-size", "16", "--batch-size", "50", "--threads", "1", "--compile", "off", *extra,
+        "--hidden-size", "16", "--batch-size", "50", "--threads", "1", "--jobs", "1", "--compile", "off", *extra,
     ]
 
 
