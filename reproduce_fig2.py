@@ -74,7 +74,7 @@ SEED: int = 1926  # master seed; each (method, N_z) run derives its own from it
 DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
 THREADS: int = 0  # CPU threads per run; 0 means cores / JOBS
 JOBS: int = 2  # (method, N_z) runs trained side by side in worker processes (2 x 1 thread was fastest on 2 cores)
-COMPILE: str = "auto"  # torch.compile the training step: "auto" (long runs only), "on", "off"
+COMPILE: str = "auto"  # torch.compile the training step: "auto" (long runs on CUDA or with 2+ threads), "on", "off"
 COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs of at least this many samples
 BENCHMARK_STEPS: int = 100  # training steps per timing window of --benchmark
 BENCHMARK_WINDOWS: int = 5  # timing windows of --benchmark (after one warm-up window)
@@ -333,21 +333,23 @@ def compiled_step(step: Callable[[torch.Tensor], torch.Tensor], vae: VAE, opts: 
 
     def first_call(x: torch.Tensor) -> torch.Tensor:
         params = [p.detach().clone() for p in vae.parameters()]
-        sums = [s["sum"].clone() for o in opts for s in o.state.values()]
-        rng = torch.get_rng_state()
+        opt_states = [{k: v.clone() for k, v in st.items()} for o in opts for st in o.state.values()]
+        rng = rng_state(x.device)
         try:
             out = compiled(x)
             state["fn"] = compiled
             return out
-        except Exception as exc:  # a compiler problem must never end the run
-            print(f"notice: torch.compile failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); training eagerly instead", flush=True)
+        except Exception as exc:  # a compiler problem must never end the run: undo, then go eager
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            print(f"notice: torch.compile failed ({type(exc).__name__}: {first_line}); training eagerly instead", flush=True)
             with torch.no_grad():
                 for p, saved in zip(vae.parameters(), params):
                     p.copy_(saved)
                     p.grad = None
-                for s, saved in zip((s for o in opts for s in o.state.values()), sums):
-                    s["sum"].copy_(saved)
-            torch.set_rng_state(rng)
+                for st, saved in zip((st for o in opts for st in o.state.values()), opt_states):
+                    for k, v in saved.items():
+                        st[k].copy_(v)
+            set_rng_state(rng, x.device)
             state["fn"] = step
             return step(x)
 
@@ -486,7 +488,7 @@ def fmt_eval(method: str, latent_dim: int, e: dict) -> str:
 
 def pick_lr(method: str, latent_dim: int, cfg: Config, data: Data, device: torch.device) -> tuple[float, dict[str, float]]:
     """The paper's step-size choice: the candidate whose short pilot reaches the best training ELBO."""
-    scores: dict[str, float] = {}
+    scores: dict[str, float | None] = {}  # None: the pilot diverged (scored worst)
     for lr in LR_CANDIDATES:
         seed_everything(setting_seed(cfg.seed, method, latent_dim))
         vae = build_vae(latent_dim, cfg.hidden_size).to(device)
@@ -496,10 +498,10 @@ def pick_lr(method: str, latent_dim: int, cfg: Config, data: Data, device: torch
             pass
         if STOP_REQUEST:
             raise Interrupted(128 + STOP_REQUEST[0])
-        score = evaluate_elbo(vae, data.train_eval, cfg.seed)["elbo"] if bool(torch.isfinite(loss)) else -math.inf
-        scores[repr(lr)] = score if math.isfinite(score) else -math.inf
-        print(f"[{method} N_z={latent_dim}] pilot lr {lr}: train ELBO {scores[repr(lr)]:.3f} after {pilot[-1]:,} samples", flush=True)
-    best = max(LR_CANDIDATES, key=lambda lr: scores[repr(lr)])
+        score = evaluate_elbo(vae, data.train_eval, cfg.seed)["elbo"] if bool(torch.isfinite(loss)) else math.nan
+        scores[repr(lr)] = score if math.isfinite(score) else None
+        print(f"[{method} N_z={latent_dim}] pilot lr {lr}: train ELBO {score:.3f} after {pilot[-1]:,} samples", flush=True)
+    best = max(LR_CANDIDATES, key=lambda lr: -math.inf if scores[repr(lr)] is None else scores[repr(lr)])  # type: ignore[operator]
     print(f"[{method} N_z={latent_dim}] chose lr {best}", flush=True)
     return best, scores
 
@@ -1155,18 +1157,19 @@ def main(argv: list[str] | None = None) -> int:
     STOP_REQUEST.clear()
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run_all(cfg, data, device, results, lambda: write_json_atomic(results, json_path), store)
-        code = 3 if any(r["status"] != "done" for r in results["runs"]) else 0
-    except Interrupted as exc:
-        code = exc.code
-        for r in results["runs"]:
-            if r["status"] == "running":
-                r["status"] = "interrupted"
+        try:
+            run_all(cfg, data, device, results, lambda: write_json_atomic(results, json_path), store)
+            code = 3 if any(r["status"] != "done" for r in results["runs"]) else 0
+        except Interrupted as exc:
+            code = exc.code
+            for r in results["runs"]:
+                if r["status"] == "running":
+                    r["status"] = "interrupted"
+        write_json_atomic(results, json_path)  # still under request_stop: a second Ctrl-C cannot break it
+        plt.close(plot_results(results, png_path))
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    write_json_atomic(results, json_path)
-    plt.close(plot_results(results, png_path))
     print(results_table(results))
     print(f"figure: {png_path}\nresults: {json_path}")
     if code >= 128:
