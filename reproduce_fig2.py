@@ -600,6 +600,21 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def write_atomic(path: str, write: Callable[[io.BufferedWriter], object]) -> None:
+    """Write a file through `write` so that a reader, or a kill at any instant, finds the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, worded as one line for the user."""
 
@@ -618,18 +633,7 @@ class Checkpoints:
     def save(self, method: str, latent_dim: int, state: dict) -> None:
         """Write a checkpoint atomically: a kill at any instant leaves the old file or the new one."""
         os.makedirs(self.folder, exist_ok=True)
-        path = self.path(method, latent_dim)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"fingerprint": self.fingerprint} | state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path(method, latent_dim), lambda f: torch.save({"fingerprint": self.fingerprint} | state, f))
 
     def load(self, method: str, latent_dim: int) -> dict | None:
         """The run's checkpoint, None if it has none; CheckpointError if unreadable or from other settings."""
@@ -834,19 +838,8 @@ def results_table(results: dict) -> str:
 
 # ---------------------------------------------------------------------------- results file
 def write_json_atomic(obj: dict, path: str) -> None:
-    """Write `obj` as JSON to `path` so that a reader sees the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write `obj` as JSON to `path`, atomically."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def environment(device: torch.device, threads: int) -> dict:

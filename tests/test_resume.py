@@ -24,16 +24,20 @@ def resumable_args(mnist_dir: Path, out: Path, *extra: str) -> list[str]:
     return tiny_args(mnist_dir, out, "--latent-dims", "2", "--methods", "aevb", "--hidden-size", "64", "--samples", "40000", *extra)
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.01)
+def stop_at_first_checkpoint(args: list[str], checkpoint: Path, sig: int) -> tuple[int, str, str]:
+    """Run the script with `args`, send `sig` once `checkpoint` exists; returns (status, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists():
+            assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {checkpoint} appeared"
+            assert time.monotonic() < deadline, f"{checkpoint} did not appear"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, stdout, stderr
 
 
 @pytest.fixture
@@ -45,13 +49,7 @@ def reference(mnist_dir: Path, tmp_path: Path) -> list[tuple]:
 
 def test_sigkill_then_resume_gives_the_uninterrupted_numbers(mnist_dir: Path, tmp_path: Path, reference: list[tuple], capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    proc = start(resumable_args(mnist_dir, out))
-    try:
-        wait_for(out / "checkpoints" / "aevb_nz2.pt", proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
+    stop_at_first_checkpoint(resumable_args(mnist_dir, out), out / "checkpoints" / "aevb_nz2.pt", signal.SIGKILL)
     assert rf.main(resumable_args(mnist_dir, out)) == 0
     assert "[aevb N_z=2] resumed from its checkpoint at" in capsys.readouterr().out
     assert measured(out / rf.RESULTS_NAME) == reference
@@ -61,14 +59,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_numbers(mnist_dir: Path, tm
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_checkpoints_saves_and_resumes_exactly(sig: int, code: int, mnist_dir: Path, tmp_path: Path, reference: list[tuple]) -> None:
     out = tmp_path / "out"
-    proc = start(resumable_args(mnist_dir, out, "--latent-dims", "2", "3"))
-    try:
-        wait_for(out / "checkpoints" / "aevb_nz2.pt", proc)
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, stderr
+    status, _, stderr = stop_at_first_checkpoint(resumable_args(mnist_dir, out, "--latent-dims", "2", "3"), out / "checkpoints" / "aevb_nz2.pt", sig)
+    assert status == code, stderr
     assert "run the same command again to continue" in stderr and "Traceback" not in stderr
     runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
     assert runs[0]["status"] == "interrupted" and runs[0]["evals"] and runs[1]["status"] == "pending"
@@ -88,14 +80,8 @@ def test_other_settings_refuse_to_resume(mnist_dir: Path, tmp_path: Path, capsys
 
 def test_an_unreadable_checkpoint_is_reported_not_discarded(mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    proc = start(resumable_args(mnist_dir, out))
-    try:
-        wait_for(out / "checkpoints" / "aevb_nz2.pt", proc)
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-    finally:
-        proc.kill()
     ckpt = out / "checkpoints" / "aevb_nz2.pt"
+    assert stop_at_first_checkpoint(resumable_args(mnist_dir, out), ckpt, signal.SIGINT)[0] == 130
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     assert rf.main(resumable_args(mnist_dir, out)) == 2
     err = capsys.readouterr().err
