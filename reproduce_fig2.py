@@ -744,18 +744,19 @@ def run_all(cfg: Config, data: Data, device: torch.device, results: dict, save: 
     messages = ctx.Queue()
     with concurrent.futures.ProcessPoolExecutor(min(cfg.jobs, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(messages,)) as pool:
         futures = {pool.submit(_worker, cfg, m, d, store): (m, d) for m, d in todo}
-        collect(futures, messages, runs, update, save, pool)
+        collect(futures, messages, runs, update, save, pool, total=eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)[-1])
     if STOP_REQUEST:
         raise Interrupted(128 + STOP_REQUEST[0])
 
 
-def collect(futures: dict, messages: "multiprocessing.Queue", runs: dict, update: Callable[[dict], None], save: Callable[[], None], pool: concurrent.futures.ProcessPoolExecutor) -> None:
+def collect(futures: dict, messages: "multiprocessing.Queue", runs: dict, update: Callable[[dict], None], save: Callable[[], None], pool: concurrent.futures.ProcessPoolExecutor, total: int) -> None:
     """Receive the workers' evaluations until every run has ended, saving after each one.
 
-    On a stop request the runs not yet started are cancelled and the running workers are sent
-    the same signal, so that each writes its checkpoint at a step boundary and stops.
+    Each running setting gets a progress bar, advanced at its evaluation points. On a stop
+    request the runs not yet started are cancelled and the running workers are sent the same
+    signal, so that each writes its checkpoint at a step boundary and stops.
     """
-    pending, forwarded = set(futures), False
+    pending, forwarded, bars = set(futures), False, {}
     while pending or not messages.empty():
         if STOP_REQUEST and not forwarded:
             forwarded = True
@@ -775,10 +776,16 @@ def collect(futures: dict, messages: "multiprocessing.Queue", runs: dict, update
                     save()
             pending -= finished
             continue
-        last = run["evals"][-1] if run["evals"] else None
-        if last and last not in runs[(run["method"], run["latent_dim"])]["evals"]:
-            print(fmt_eval(run["method"], run["latent_dim"], last), flush=True)
+        key, last = (run["method"], run["latent_dim"]), run["evals"][-1] if run["evals"] else None
+        if key not in bars:
+            bars[key] = tqdm(total=total, unit="samples", unit_scale=True, desc=f"{key[0]} N_z={key[1]}", position=len(bars), disable=None, leave=False)
+        if last and last not in runs[key]["evals"]:
+            tqdm.write(fmt_eval(*key, last))
+            bars[key].update(last["samples"] - bars[key].n)
+            bars[key].set_postfix(test_elbo=f"{last['test_elbo']:.2f}")
         update(run)
+    for bar in bars.values():
+        bar.close()
 
 
 def fail(run: dict, exc: BaseException) -> None:
