@@ -182,7 +182,7 @@ def load_split(data_dir: str, split: str, verify: bool = True) -> torch.Tensor:
     if verify and (sha256_of(images), sha256_of(labels)) != MNIST_SHA256[split]:
         raise DataError(
             f"{folder}: the {split} split does not match the standard MNIST checksums; "
-            "replace the files with the originals (or turn the check off for other data)"
+            "replace the files with the originals, or pass --no-verify-data for other data"
         )
     return images.unsqueeze(1).to(torch.float32).div_(255)
 
