@@ -15,7 +15,6 @@ The constants below are the interface: each command-line flag defaults to one of
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import copy
 import hashlib
@@ -699,28 +698,26 @@ def threads_per_run(cfg: Config) -> int:
 
 
 FINISHED = ("done", "diverged")  # statuses of runs that a rerun skips
-_MESSAGES: "multiprocessing.Queue | None" = None  # a worker's channel back to the main process
 
 
-def _init_worker(messages: "multiprocessing.Queue") -> None:
-    """Set up a worker process: its message channel and the stop-at-step-boundary signal handlers."""
-    global _MESSAGES
-    _MESSAGES = messages
+def _worker(cfg: Config, method: str, latent_dim: int, store: Checkpoints | None, messages: "multiprocessing.Queue") -> None:
+    """One (method, N_z) run in its own process; its records and any error go back through `messages`."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-
-
-def _worker(cfg: Config, method: str, latent_dim: int, store: Checkpoints | None) -> dict:
-    """One (method, N_z) run in a worker process; evaluations go back through the message channel."""
-    torch.set_num_threads(threads_per_run(cfg))
-    device = resolve_device(cfg.device)
-    data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
-    assert _MESSAGES is not None
-    return train_run(method, latent_dim, cfg, data, device, lambda run: _MESSAGES.put(copy.deepcopy(run)), progress=False, store=store)
+    try:
+        torch.set_num_threads(threads_per_run(cfg))
+        device = resolve_device(cfg.device)
+        data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
+        train_run(method, latent_dim, cfg, data, device, lambda run: messages.put(("run", copy.deepcopy(run))), progress=False, store=store)
+    except Interrupted:
+        pass  # its checkpoint and record are already written and sent
+    except Exception as exc:
+        messages.put(("error", (method, latent_dim), f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        sys.exit(1)
 
 
 def run_all(cfg: Config, data: Data, device: torch.device, results: dict, save: Callable[[], None], store: Checkpoints | None = None) -> None:
-    """Train every unfinished (method, N_z) setting, here or in cfg.jobs workers, saving after each evaluation."""
+    """Train every unfinished (method, N_z) setting, here or in cfg.jobs worker processes, saving after each evaluation."""
     runs = {(r["method"], r["latent_dim"]): r for r in results["runs"]}
     todo = [key for key in settings_of(cfg) if runs[key]["status"] not in FINISHED]
     for method, latent_dim in settings_of(cfg):
@@ -737,62 +734,89 @@ def run_all(cfg: Config, data: Data, device: torch.device, results: dict, save: 
             try:
                 train_run(method, latent_dim, cfg, data, device, update, store=store)
             except Exception as exc:  # one broken run must not cost the others
-                fail(runs[(method, latent_dim)], exc)
+                fail(runs[(method, latent_dim)], f"{type(exc).__name__}: {exc}", traceback.format_exc())
                 save()
         return
-    ctx = multiprocessing.get_context("spawn")
-    messages = ctx.Queue()
-    with concurrent.futures.ProcessPoolExecutor(min(cfg.jobs, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(messages,)) as pool:
-        futures = {pool.submit(_worker, cfg, m, d, store): (m, d) for m, d in todo}
-        collect(futures, messages, runs, update, save, pool, total=eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)[-1])
+    total = eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)[-1]
+    Workers(cfg, store, runs, update, save, total).run(todo)
     if STOP_REQUEST:
         raise Interrupted(128 + STOP_REQUEST[0])
 
 
-def collect(futures: dict, messages: "multiprocessing.Queue", runs: dict, update: Callable[[dict], None], save: Callable[[], None], pool: concurrent.futures.ProcessPoolExecutor, total: int) -> None:
-    """Receive the workers' evaluations until every run has ended, saving after each one.
+class Workers:
+    """Runs settings in up to cfg.jobs worker processes, one process per setting.
 
-    Each running setting gets a progress bar, advanced at its evaluation points. On a stop
-    request the runs not yet started are cancelled and the running workers are sent the same
-    signal, so that each writes its checkpoint at a step boundary and stops.
+    Each worker sends its run record after every evaluation; the main process saves it and
+    advances that setting's progress bar. A worker that raises, or dies outright (a crash, an
+    out-of-memory kill), marks only its own run as failed; the others go on. On a stop request
+    no new worker starts and the running ones get the same signal, so each writes its
+    checkpoint at a step boundary and stops.
     """
-    pending, forwarded, bars = set(futures), False, {}
-    while pending or not messages.empty():
-        if STOP_REQUEST and not forwarded:
-            forwarded = True
-            for f in pending:
-                f.cancel()
-            for process in list(getattr(pool, "_processes", {}).values()):  # no public handle on the workers
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, STOP_REQUEST[0])
+
+    def __init__(self, cfg: Config, store: Checkpoints | None, runs: dict, update: Callable[[dict], None], save: Callable[[], None], total: int) -> None:
+        self.cfg, self.store, self.runs, self.update, self.save, self.total = cfg, store, runs, update, save, total
+        self.ctx = multiprocessing.get_context("spawn")
+        self.messages = self.ctx.Queue()
+        self.bars: dict[tuple[str, int], tqdm] = {}
+
+    def run(self, todo: list[tuple[str, int]]) -> None:
+        """Train the settings in `todo` until each has ended."""
+        waiting, running, forwarded = list(todo), {}, False
+        while waiting or running:
+            if STOP_REQUEST and not forwarded:
+                forwarded, waiting = True, []
+                for process in running.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, STOP_REQUEST[0])
+            while waiting and len(running) < self.cfg.jobs:
+                key = waiting.pop(0)
+                running[key] = self.ctx.Process(target=_worker, args=(self.cfg, *key, self.store, self.messages), name=f"{key[0]}-nz{key[1]}")
+                running[key].start()
+                self.runs[key]["status"] = "running"
+            self.receive(timeout=0.2)
+            for key, process in list(running.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                self.receive(timeout=0.5)  # what it sent before it ended
+                while self.receive(timeout=0):
+                    pass
+                del running[key]
+                if self.runs[key]["status"] == "running" and not STOP_REQUEST:  # after a stop request it is interrupted
+                    fail(self.runs[key], f"its worker process ended with exit status {process.exitcode} before the run finished")
+                    self.save()
+        for bar in self.bars.values():
+            bar.close()
+
+    def receive(self, timeout: float) -> bool:
+        """Handle one message from a worker; False if none came within `timeout`."""
         try:
-            run = messages.get(timeout=0.2)
+            message = self.messages.get(timeout=timeout) if timeout else self.messages.get_nowait()
         except queue.Empty:
-            finished = {f for f in pending if f.done()}
-            for f in finished:
-                exc = None if f.cancelled() else f.exception()
-                if exc is not None and not isinstance(exc, Interrupted):
-                    fail(runs[futures[f]], exc)
-                    save()
-            pending -= finished
-            continue
+            return False
+        if message[0] == "error":
+            _, key, error, trace = message
+            fail(self.runs[key], error, trace)
+            self.save()
+            return True
+        run = message[1]
         key, last = (run["method"], run["latent_dim"]), run["evals"][-1] if run["evals"] else None
-        if key not in bars:
-            bars[key] = tqdm(total=total, unit="samples", unit_scale=True, desc=f"{key[0]} N_z={key[1]}", position=len(bars), disable=None, leave=False)
-        if last and last not in runs[key]["evals"]:
+        if key not in self.bars:
+            self.bars[key] = tqdm(total=self.total, unit="samples", unit_scale=True, desc=f"{key[0]} N_z={key[1]}", position=len(self.bars), disable=None, leave=False)
+        if last and last not in self.runs[key]["evals"]:
             tqdm.write(fmt_eval(*key, last))
-            bars[key].update(last["samples"] - bars[key].n)
-            bars[key].set_postfix(test_elbo=f"{last['test_elbo']:.2f}")
-        update(run)
-    for bar in bars.values():
-        bar.close()
+            self.bars[key].update(last["samples"] - self.bars[key].n)
+            self.bars[key].set_postfix(test_elbo=f"{last['test_elbo']:.2f}")
+        self.update(run)
+        return True
 
 
-def fail(run: dict, exc: BaseException) -> None:
+def fail(run: dict, error: str, trace: str = "") -> None:
     """Mark a run as failed, keeping what it measured, and say so."""
-    run["status"], run["error"] = "failed", f"{type(exc).__name__}: {exc}"
-    print(f"error: [{run['method']} N_z={run['latent_dim']}] failed: {run['error']}; the other runs go on", file=sys.stderr, flush=True)
-    traceback.print_exception(exc, file=sys.stderr)
+    run["status"], run["error"] = "failed", error
+    if trace:
+        print(trace, file=sys.stderr, end="")
+    print(f"error: [{run['method']} N_z={run['latent_dim']}] failed: {error}; the other runs go on", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- plotting

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -137,3 +139,37 @@ def test_a_kill_during_saves_never_leaves_a_broken_file(tmp_path: Path) -> None:
         proc.wait(timeout=30)
         assert json.loads((tmp_path / "r.json").read_text())["i"] >= 1
         assert rf.Checkpoints(str(tmp_path / "ck"), {"x": 1}).load("aevb", 3)["i"] >= 1
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Pids of the multiprocessing workers of `parent` (its children running spawn_main)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == parent and b"spawn_main" in cmdline:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes")
+def test_a_worker_killed_outright_fails_only_its_run(mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3", "--jobs", "2")
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "checkpoints").glob("*.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        victim = worker_pids(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, stderr
+    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    assert sorted(r["status"] for r in runs) == ["done", "failed"]
+    failed = next(r for r in runs if r["status"] == "failed")
+    assert "exit status -9" in failed["error"] and f"N_z={failed['latent_dim']}] failed" in stderr
