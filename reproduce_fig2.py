@@ -327,6 +327,9 @@ STEPS: dict[str, Callable[[VAE, list[torch.optim.Adagrad], torch.Tensor], torch.
 
 def compiled_step(step: Callable[[torch.Tensor], torch.Tensor], vae: VAE, opts: list[torch.optim.Adagrad]) -> Callable[[torch.Tensor], torch.Tensor]:
     """`step` under torch.compile; if compiling fails, a one-line notice and the eager step."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True  # the same random numbers as the eager step, from the same generator
     compiled = torch.compile(step)
     state: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
