@@ -468,6 +468,16 @@ class Config:
     benchmark_steps: int = BENCHMARK_STEPS
 
 
+def schedule_of(cfg: Config) -> list[int]:
+    """The evaluation points of every run of a configuration."""
+    return eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)
+
+
+def fixed_constants() -> dict:
+    """The constants that change the numbers but have no flag, as recorded in results and fingerprints."""
+    return {"mc_samples": MC_SAMPLES, "weight_decay": WEIGHT_DECAY, "init_std": INIT_STD, "lr_candidates": list(LR_CANDIDATES), "eval_batch_size": EVAL_BATCH_SIZE}
+
+
 def use_compile(cfg: Config) -> bool:
     """Whether training steps are compiled: "auto" compiles long runs on CUDA or with several threads.
 
@@ -542,7 +552,7 @@ def train_run(method: str, latent_dim: int, cfg: Config, data: Data, device: tor
             store.save(method, latent_dim, {"run": copy.deepcopy(run), "samples": samples, "model": vae.state_dict(),
                                             "optimizers": [o.state_dict() for o in opts], "batches": batches.state(), "rng": rng_state(device)})
 
-    schedule = eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)
+    schedule = schedule_of(cfg)
     bar = tqdm(total=schedule[-1], initial=samples, unit="samples", unit_scale=True, desc=f"{method} N_z={latent_dim}", disable=None if progress else True, mininterval=1.0, leave=False)
     start = time.perf_counter() - wall_offset
     done = samples
@@ -663,10 +673,9 @@ def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
 
     return {
         "samples": cfg.samples, "eval_start": cfg.eval_start, "evals_per_decade": cfg.evals_per_decade, "lr": cfg.lr,
-        "lr_pilot_samples": cfg.lr_pilot_samples, "lr_candidates": list(LR_CANDIDATES), "batch_size": cfg.batch_size,
+        "lr_pilot_samples": cfg.lr_pilot_samples, "batch_size": cfg.batch_size,
         "hidden_size": cfg.hidden_size, "binarize": cfg.binarize, "seed": cfg.seed, "device": device.type,
-        "threads": threads_per_run(cfg), "compiled": use_compile(cfg), "mc_samples": MC_SAMPLES, "weight_decay": WEIGHT_DECAY,
-        "init_std": INIT_STD, "eval_batch_size": EVAL_BATCH_SIZE, "data_sha256": data.digest,
+        "threads": threads_per_run(cfg), "compiled": use_compile(cfg), **fixed_constants(), "data_sha256": data.digest,
         "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "pyautoencoder": str(pyautoencoder.__version__), "numpy": str(np.__version__),
     }
 
@@ -740,7 +749,7 @@ def run_all(cfg: Config, data: Data, device: torch.device, results: dict, save: 
                 fail(runs[(method, latent_dim)], f"{type(exc).__name__}: {exc}", traceback.format_exc())
                 save()
         return
-    total = eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)[-1]
+    total = schedule_of(cfg)[-1]
     Workers(cfg, store, runs, update, save, total).run(todo)
     if STOP_REQUEST:
         raise Interrupted(128 + STOP_REQUEST[0])
@@ -891,11 +900,7 @@ def environment(device: torch.device, threads: int) -> dict:
 
 def new_results(cfg: Config, device: torch.device) -> dict:
     """The results skeleton: config as used, environment, one pending run per setting."""
-    config = asdict(cfg) | {
-        "mc_samples": MC_SAMPLES, "weight_decay": WEIGHT_DECAY, "init_std": INIT_STD, "lr_candidates": list(LR_CANDIDATES),
-        "eval_batch_size": EVAL_BATCH_SIZE, "compiled": use_compile(cfg),
-        "eval_schedule": eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade),
-    }
+    config = asdict(cfg) | fixed_constants() | {"compiled": use_compile(cfg), "eval_schedule": schedule_of(cfg)}
     runs = [{"method": m, "latent_dim": d, "status": "pending", "evals": []} for m, d in settings_of(cfg)]
     return {"config": config, "environment": environment(device, threads_per_run(cfg)), "runs": runs}
 
