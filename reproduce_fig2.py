@@ -544,12 +544,12 @@ def train_run(method: str, latent_dim: int, cfg: Config, data: Data, device: tor
             opt.load_state_dict(state)
         batches.load_state(ckpt["batches"])
         set_rng_state(ckpt["rng"], device)
-        samples, wall_offset = ckpt["samples"], run["evals"][-1]["wall_seconds"] if run["evals"] else 0.0
+        samples, wall_offset = ckpt["samples"], ckpt.get("wall_seconds", run["evals"][-1]["wall_seconds"] if run["evals"] else 0.0)
         print(f"[{method} N_z={latent_dim}] resumed from its checkpoint at {samples:,} samples", flush=True)
 
     def save_checkpoint() -> None:
         if store:
-            store.save(method, latent_dim, {"run": copy.deepcopy(run), "samples": samples, "model": vae.state_dict(),
+            store.save(method, latent_dim, {"run": copy.deepcopy(run), "samples": samples, "wall_seconds": time.perf_counter() - start, "model": vae.state_dict(),
                                             "optimizers": [o.state_dict() for o in opts], "batches": batches.state(), "rng": rng_state(device)})
 
     schedule = schedule_of(cfg)

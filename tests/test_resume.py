@@ -173,3 +173,20 @@ def test_a_worker_killed_outright_fails_only_its_run(mnist_dir: Path, tmp_path: 
     assert sorted(r["status"] for r in runs) == ["done", "failed"]
     failed = next(r for r in runs if r["status"] == "failed")
     assert "exit status -9" in failed["error"] and f"N_z={failed['latent_dim']}] failed" in stderr
+
+
+def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(synthetic_data: rf.Data, tmp_path: Path) -> None:
+    cfg = rf.Config(latent_dims=(3,), methods=("aevb",), samples=3000, eval_start=1000, evals_per_decade=2,
+                    hidden_size=32, batch_size=50, threads=1, compile="off", verify_data=False)
+    store = rf.Checkpoints(str(tmp_path / "checkpoints"), {"test": True})
+    with pytest.raises(rf.Interrupted):
+        try:
+            rf.train_run("aevb", 3, cfg, synthetic_data, torch.device("cpu"), lambda run: rf.request_stop(signal.SIGINT, None), progress=False, store=store)
+        finally:
+            rf.STOP_REQUEST.clear()
+    ckpt = store.load("aevb", 3)
+    assert ckpt is not None and ckpt["wall_seconds"] >= ckpt["run"]["evals"][-1]["wall_seconds"]
+    ckpt["wall_seconds"] = 1000.0  # as if it had trained for a long time after its last evaluation
+    store.save("aevb", 3, {k: v for k, v in ckpt.items() if k != "fingerprint"})
+    run = rf.train_run("aevb", 3, cfg, synthetic_data, torch.device("cpu"), lambda run: None, progress=False, store=store)
+    assert run["status"] == "done" and run["evals"][0]["wall_seconds"] < 1000 < run["evals"][-1]["wall_seconds"]
