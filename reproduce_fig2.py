@@ -615,7 +615,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def write_atomic(path: str, write: Callable[[io.BufferedWriter], object]) -> None:
     """Write a file through `write` so that a reader, or a kill at any instant, finds the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plainly written file, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

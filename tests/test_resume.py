@@ -17,6 +17,7 @@ import torch
 import reproduce_fig2 as rf
 from conftest import tiny_args
 from test_cli import measured
+from test_training import tiny_config
 
 SCRIPT = str(Path(rf.__file__))
 
@@ -141,6 +142,15 @@ def test_a_kill_during_saves_never_leaves_a_broken_file(tmp_path: Path) -> None:
         assert rf.Checkpoints(str(tmp_path / "ck"), {"x": 1}).load("aevb", 3)["i"] >= 1
 
 
+def test_results_are_written_with_the_usual_file_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        rf.write_json_atomic({"x": 1}, str(tmp_path / "r.json"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644  # not tempfile's private 0600
+
+
 def worker_pids(parent: int) -> list[int]:
     """Pids of the multiprocessing workers of `parent` (its children running spawn_main)."""
     pids = []
@@ -176,8 +186,7 @@ def test_a_worker_killed_outright_fails_only_its_run(mnist_dir: Path, tmp_path: 
 
 
 def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(synthetic_data: rf.Data, tmp_path: Path) -> None:
-    cfg = rf.Config(latent_dims=(3,), methods=("aevb",), samples=3000, eval_start=1000, evals_per_decade=2,
-                    hidden_size=32, batch_size=50, threads=1, compile="off", verify_data=False)
+    cfg = tiny_config()
     store = rf.Checkpoints(str(tmp_path / "checkpoints"), {"test": True})
     with pytest.raises(rf.Interrupted):
         try:
