@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import reproduce_fig2 as rf  # noqa: E402
+import reproduce_fig2 as rf  # noqa: E402 (importable only once sys.path holds the root)
 
 REAL_MNIST = ROOT.parent / "shared" / "mnist"
 
@@ -32,11 +34,13 @@ def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n 28x28 grey-level images made of three blurry prototypes plus noise, and their labels."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:28, 0:28]
-    protos = np.stack([
-        np.exp(-((yy - 14) ** 2 + (xx - 8) ** 2) / 30.0),
-        np.exp(-((yy - 8) ** 2 + (xx - 20) ** 2) / 30.0),
-        ((np.abs(yy - 20) < 3) & (xx > 4) & (xx < 24)).astype(float),
-    ])
+    protos = np.stack(
+        [
+            np.exp(-((yy - 14) ** 2 + (xx - 8) ** 2) / 30.0),
+            np.exp(-((yy - 8) ** 2 + (xx - 20) ** 2) / 30.0),
+            ((np.abs(yy - 20) < 3) & (xx > 4) & (xx < 24)).astype(float),
+        ]
+    )
     labels = rng.integers(0, 3, n)
     images = protos[labels] * rng.uniform(0.7, 1.0, (n, 1, 1)) + rng.uniform(0, 0.1, (n, 28, 28))
     images[:, 0, 0] = 0  # one pixel that is always black (a weight with no data gradient)
@@ -64,16 +68,48 @@ def mnist_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def synthetic_data(mnist_dir: Path) -> rf.Data:
     """The synthetic MNIST loaded through the real loader, on the CPU."""
-    return rf.load_data(str(mnist_dir), torch.device("cpu"), binarize=False, seed=0, verify=False, download=False)
+    return rf.load_data(
+        str(mnist_dir), torch.device("cpu"), binarize=False, seed=0, verify=False, download=False
+    )
 
 
 def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     """Command-line arguments for a run that takes a second or two on synthetic data."""
+    fixed = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--no-verify-data"]
+    small = "--samples 1200 --eval-start 300 --evals-per-decade 3 --hidden-size 16 --batch-size 50"
+    serial = "--threads 1 --jobs 1 --compile off"
+    return [*fixed, "--latent-dims", "2", "3", *small.split(), *serial.split(), *extra]
+
+
+def tiny_config(**kw: Any) -> rf.Config:
+    """A Config for train_run() calls of a second on the synthetic data."""
+    base = {
+        "latent_dims": (3,),
+        "methods": ("aevb",),
+        "samples": 3000,
+        "eval_start": 1000,
+        "evals_per_decade": 2,
+        "hidden_size": 32,
+        "batch_size": 50,
+        "threads": 1,
+        "compile": "off",
+        "verify_data": False,
+    }
+    return rf.Config(**(base | kw))
+
+
+def measured(path: Path) -> list[tuple]:
+    """Every evaluation value of a results file, wall-clock fields left out."""
+    runs = json.loads(path.read_text())["runs"]
     return [
-        "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--no-verify-data",
-        "--latent-dims", "2", "3", "--samples", "1200", "--eval-start", "300", "--evals-per-decade", "3",
-        "--hidden-size", "16", "--batch-size", "50", "--threads", "1", "--jobs", "1", "--compile", "off", *extra,
+        (r["method"], r["latent_dim"], r["status"], [without_wall(e) for e in r["evals"]])
+        for r in runs
     ]
+
+
+def without_wall(e: dict) -> dict:
+    """An evaluation record without its wall-clock time."""
+    return {k: v for k, v in e.items() if k != "wall_seconds"}
 
 
 @pytest.fixture(autouse=True)

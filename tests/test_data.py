@@ -1,4 +1,4 @@
-"""The MNIST loader: shapes, checksums, missing, truncated and malformed files."""
+"""Data: the MNIST loader, checksums, missing, truncated and malformed files."""
 
 from __future__ import annotations
 
@@ -7,27 +7,34 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import reproduce_fig2 as rf
 from conftest import REAL_MNIST, tiny_args
 
+import reproduce_fig2 as rf
 
-def test_loader_shapes_range_dtype(mnist_dir: Path) -> None:
-    data = rf.load_data(str(mnist_dir), torch.device("cpu"), binarize=False, seed=0, verify=False, download=False)
+
+def test_loader_gives_float32_images_in_0_1_of_mnist_shape(mnist_dir: Path) -> None:
+    data = rf.load_data(
+        str(mnist_dir), torch.device("cpu"), binarize=False, seed=0, verify=False, download=False
+    )
     assert data.train.shape == (400, 1, 28, 28) and data.test_eval.shape == (100, 1, 28, 28)
     for t in (data.train, data.train_eval, data.test_eval):
         assert t.dtype == torch.float32
-        assert 0.0 <= float(t.min()) and float(t.max()) <= 1.0
+        assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
     assert data.train_eval is data.train  # grey levels: training and scoring use the same tensor
     assert float(data.train.max()) > 0.9  # scaled by 1/255, not left in 0..255 or squashed
 
 
 def test_binarized_evaluation_sets_are_fixed(mnist_dir: Path) -> None:
-    a = rf.load_data(str(mnist_dir), torch.device("cpu"), binarize=True, seed=5, verify=False, download=False)
-    b = rf.load_data(str(mnist_dir), torch.device("cpu"), binarize=True, seed=5, verify=False, download=False)
+    a = rf.load_data(
+        str(mnist_dir), torch.device("cpu"), binarize=True, seed=5, verify=False, download=False
+    )
+    b = rf.load_data(
+        str(mnist_dir), torch.device("cpu"), binarize=True, seed=5, verify=False, download=False
+    )
     assert set(torch.unique(a.test_eval).tolist()) == {0.0, 1.0}
     assert torch.equal(a.test_eval, b.test_eval) and torch.equal(a.train_eval, b.train_eval)
-    assert not torch.equal(a.train, a.train_eval)  # training draws are re-binarized from the grey levels
+    # training draws are re-binarized from the grey levels
+    assert not torch.equal(a.train, a.train_eval)
 
 
 def test_checksum_mismatch_names_split_and_folder(mnist_dir: Path) -> None:
@@ -51,7 +58,9 @@ def test_malformed_header_is_named(mnist_dir: Path) -> None:
         rf.load_split(str(mnist_dir), "train", verify=False)
 
 
-def test_missing_data_offline_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_data_offline_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     empty = tmp_path / "nothing-here"
     start = time.monotonic()
     code = rf.main(tiny_args(empty, tmp_path / "out"))
@@ -61,12 +70,19 @@ def test_missing_data_offline_is_one_clear_line(tmp_path: Path, capsys: pytest.C
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert str((empty / "MNIST" / "raw").resolve()) in err or str(empty / "MNIST" / "raw") in err
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         assert name in err
     assert "--data-dir" in err and "download failed" in err
 
 
-def test_main_reports_a_truncated_file(mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_reports_a_truncated_file(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = mnist_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:5000])
     assert rf.main(tiny_args(mnist_dir, tmp_path / "out")) == 1
@@ -74,7 +90,9 @@ def test_main_reports_a_truncated_file(mnist_dir: Path, tmp_path: Path, capsys: 
     assert "Traceback" not in err and "train-images-idx3-ubyte is truncated" in err
 
 
-@pytest.mark.skipif(not (REAL_MNIST / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found at {REAL_MNIST}")
+@pytest.mark.skipif(
+    not (REAL_MNIST / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found at {REAL_MNIST}"
+)
 def test_real_mnist_passes_the_checksums() -> None:
     train = rf.load_split(str(REAL_MNIST), "train", verify=True)
     test = rf.load_split(str(REAL_MNIST), "test", verify=True)

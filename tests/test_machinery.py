@@ -1,0 +1,357 @@
+"""Machinery: checkpoints, resume after SIGKILL or a signal, fingerprints, divergence,
+atomic saves, worker processes, the compiled step and the benchmark."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import measured, tiny_args, tiny_config
+
+import reproduce_fig2 as rf
+
+SCRIPT = str(Path(rf.__file__))
+
+
+def resumable_args(mnist_dir: Path, out: Path, *extra: str) -> list[str]:
+    """A run of a few seconds whose first checkpoint comes early."""
+    return tiny_args(
+        mnist_dir,
+        out,
+        "--latent-dims",
+        "2",
+        "--methods",
+        "aevb",
+        "--hidden-size",
+        "64",
+        "--samples",
+        "40000",
+        *extra,
+    )
+
+
+def stop_at_first_checkpoint(args: list[str], checkpoint: Path, sig: int) -> tuple[int, str, str]:
+    """Run the script with `args`, send `sig` once `checkpoint` exists; (status, stdout, stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists():
+            assert proc.poll() is None, (
+                f"the run ended (status {proc.returncode}) before {checkpoint} appeared"
+            )
+            assert time.monotonic() < deadline, f"{checkpoint} did not appear"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, stdout, stderr
+
+
+@pytest.fixture
+def reference(mnist_dir: Path, tmp_path: Path) -> list[tuple]:
+    """The evaluation values of the same run, uninterrupted."""
+    assert rf.main(resumable_args(mnist_dir, tmp_path / "reference")) == 0
+    return measured(tmp_path / "reference" / rf.RESULTS_NAME)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_numbers(
+    mnist_dir: Path, tmp_path: Path, reference: list[tuple], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    stop_at_first_checkpoint(
+        resumable_args(mnist_dir, out), out / "checkpoints" / "aevb_nz2.pt", signal.SIGKILL
+    )
+    assert rf.main(resumable_args(mnist_dir, out)) == 0
+    assert "[aevb N_z=2] resumed from its checkpoint at" in capsys.readouterr().out
+    assert measured(out / rf.RESULTS_NAME) == reference
+    assert not (out / "checkpoints" / "aevb_nz2.pt").exists()  # a finished run drops its checkpoint
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_checkpoints_saves_and_resumes_exactly(
+    sig: int, code: int, mnist_dir: Path, tmp_path: Path, reference: list[tuple]
+) -> None:
+    out = tmp_path / "out"
+    status, _, stderr = stop_at_first_checkpoint(
+        resumable_args(mnist_dir, out, "--latent-dims", "2", "3"),
+        out / "checkpoints" / "aevb_nz2.pt",
+        sig,
+    )
+    assert status == code, stderr
+    assert "run the same command again to continue" in stderr and "Traceback" not in stderr
+    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    assert (
+        runs[0]["status"] == "interrupted" and runs[0]["evals"] and runs[1]["status"] == "pending"
+    )
+    assert (out / rf.FIGURE_NAME).exists() and (out / "checkpoints" / "aevb_nz2.pt").exists()
+    assert rf.main(resumable_args(mnist_dir, out, "--latent-dims", "2", "3")) == 0
+    assert measured(out / rf.RESULTS_NAME)[:1] == reference
+
+
+def test_other_settings_refuse_to_resume(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    assert rf.main(tiny_args(mnist_dir, out, "--seed", "7")) == 2
+    err = capsys.readouterr().err
+    assert "seed 1926 -> 7" in err and "--fresh" in err and len(err.strip().splitlines()) == 1
+    assert rf.main(tiny_args(mnist_dir, out, "--seed", "7", "--fresh")) == 0
+
+
+def test_an_unreadable_checkpoint_is_reported_not_discarded(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints" / "aevb_nz2.pt"
+    assert stop_at_first_checkpoint(resumable_args(mnist_dir, out), ckpt, signal.SIGINT)[0] == 130
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert rf.main(resumable_args(mnist_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "cannot be read" in err and "--fresh" in err
+    assert ckpt.stat().st_size == 1000  # still there, untouched
+    assert rf.main(resumable_args(mnist_dir, out, "--fresh")) == 0
+    assert [p.name for p in out.glob("checkpoints.*/aevb_nz2.pt")] == ["aevb_nz2.pt"]  # kept aside
+
+
+def test_divergence_stops_that_run_only_and_exits_3(
+    mnist_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    original = rf.aevb_step
+
+    def poisoned(vae: rf.VAE, opts: list, x: torch.Tensor) -> torch.Tensor:
+        loss = original(vae, opts, x)
+        if vae.latent_dim == 2:
+            with torch.no_grad():
+                vae.decoder[2].weight.mul_(float("nan"))
+        return loss
+
+    monkeypatch.setitem(rf.STEPS, "aevb", poisoned)
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 3
+    runs = {
+        (r["method"], r["latent_dim"]): r
+        for r in json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    }
+    assert runs[("aevb", 2)]["status"] == "diverged" and runs[("aevb", 2)]["diverged_at"] == 450
+    assert all(r["status"] == "done" for k, r in runs.items() if k != ("aevb", 2))
+    assert "warning: [aevb N_z=2] diverged" in capsys.readouterr().err
+    fig_lines = (
+        rf.plot_results(json.loads((out / rf.RESULTS_NAME).read_text()), str(tmp_path / "f.png"))
+        .axes[0]
+        .get_lines()
+    )
+    assert len(fig_lines) == 2  # WS drawn; the diverged AEVB run has no good point to draw
+
+
+SAVE_LOOP = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import reproduce_fig2 as rf
+store = rf.Checkpoints({folder!r}, {{"x": 1}})
+state = {{"model": torch.randn(300, 300), "run": {{"evals": []}}}}
+i = 0
+while True:
+    i += 1
+    rf.write_json_atomic({{"i": i, "data": list(range(20000))}}, {json!r})
+    store.save("aevb", 3, state | {{"i": i}})
+    print(i, flush=True)
+"""
+
+
+def test_a_kill_during_saves_never_leaves_a_broken_file(tmp_path: Path) -> None:
+    code = SAVE_LOOP.format(
+        root=str(Path(SCRIPT).parent), folder=str(tmp_path / "ck"), json=str(tmp_path / "r.json")
+    )
+    for delay in (0.07, 0.13):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip()  # at least one save completed
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert json.loads((tmp_path / "r.json").read_text())["i"] >= 1
+        assert rf.Checkpoints(str(tmp_path / "ck"), {"x": 1}).load("aevb", 3)["i"] >= 1
+
+
+def test_results_are_written_with_the_usual_file_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        rf.write_json_atomic({"x": 1}, str(tmp_path / "r.json"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644  # not tempfile's private 0600
+
+
+def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
+    synthetic_data: rf.Data, tmp_path: Path
+) -> None:
+    cfg = tiny_config()
+    store = rf.Checkpoints(str(tmp_path / "checkpoints"), {"test": True})
+    with pytest.raises(rf.Interrupted):
+        try:
+            rf.train_run(
+                "aevb",
+                3,
+                cfg,
+                synthetic_data,
+                torch.device("cpu"),
+                lambda run: rf.request_stop(signal.SIGINT, None),
+                progress=False,
+                store=store,
+            )
+        finally:
+            rf.STOP_REQUEST.clear()
+    ckpt = store.load("aevb", 3)
+    assert ckpt is not None and ckpt["wall_seconds"] >= ckpt["run"]["evals"][-1]["wall_seconds"]
+    ckpt["wall_seconds"] = 1000.0  # as if it had trained for a long time after its last evaluation
+    store.save("aevb", 3, {k: v for k, v in ckpt.items() if k != "fingerprint"})
+    run = rf.train_run(
+        "aevb",
+        3,
+        cfg,
+        synthetic_data,
+        torch.device("cpu"),
+        lambda run: None,
+        progress=False,
+        store=store,
+    )
+    assert (
+        run["status"] == "done"
+        and run["evals"][0]["wall_seconds"] < 1000 < run["evals"][-1]["wall_seconds"]
+    )
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Pids of the multiprocessing workers of `parent` (its children running spawn_main)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == parent and b"spawn_main" in cmdline:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes"
+)
+def test_a_worker_killed_outright_fails_only_its_run(mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3", "--jobs", "2")
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "checkpoints").glob("*.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        victim = worker_pids(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, stderr
+    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    assert sorted(r["status"] for r in runs) == ["done", "failed"]
+    failed = next(r for r in runs if r["status"] == "failed")
+    assert "exit status -9" in failed["error"] and f"N_z={failed['latent_dim']}] failed" in stderr
+
+
+def test_jobs_2_gives_the_numbers_of_jobs_1(mnist_dir: Path, tmp_path: Path) -> None:
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "one", "--jobs", "1")) == 0
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "two", "--jobs", "2")) == 0
+    assert measured(tmp_path / "one" / rf.RESULTS_NAME) == measured(
+        tmp_path / "two" / rf.RESULTS_NAME
+    )
+
+
+def three_steps(x: torch.Tensor, compile_step: bool) -> list[float]:
+    """Losses of three AEVB steps on x from a fixed initialisation, then every parameter's sum."""
+    torch.manual_seed(0)
+    vae = rf.build_vae(3, 16)
+    step, _ = rf.make_step("aevb", vae, 0.02, torch.device("cpu"), compile_step=compile_step)
+    return [float(step(x)) for _ in range(3)] + [float(p.detach().sum()) for p in vae.parameters()]
+
+
+def test_forced_compile_failure_falls_back_to_eager(
+    synthetic_data: rf.Data, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken_compile(fn: rf.Step) -> rf.Step:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            fn(x)  # half a step happens before the failure: it must be undone
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = synthetic_data.train[:50]
+    # the fallback's Adagrad is the foreach kernel where eager's is the fused one: same maths,
+    # float rounding apart
+    assert three_steps(x, compile_step=True) == pytest.approx(
+        three_steps(x, compile_step=False), rel=1e-5, abs=1e-6
+    )
+    assert (
+        "notice: torch.compile failed (RuntimeError: no C++ compiler); training eagerly instead"
+        in capsys.readouterr().out
+    )
+
+
+def test_compiled_step_matches_eager(
+    synthetic_data: rf.Data, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = synthetic_data.train[:50]
+    compiled, eager = three_steps(x, compile_step=True), three_steps(x, compile_step=False)
+    assert "torch.compile failed" not in capsys.readouterr().out  # it really compiled
+    # same maths, same noise; float rounding apart
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+def test_benchmark_smoke_prints_every_field(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "out"
+    argv = [
+        "--benchmark",
+        "--benchmark-steps",
+        "2",
+        "--data-dir",
+        str(mnist_dir),
+        "--no-verify-data",
+        "--out-dir",
+        str(out_dir),
+        "--threads",
+        "1",
+        "--compile",
+        "off",
+    ]
+    assert rf.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "real MNIST" in out  # the synthetic files stand in for MNIST here
+    for field in (
+        "training samples/s (ours)",
+        "training samples/s (DataLoader loop)",
+        "ratio ours / DataLoader",
+        "seconds per full evaluation",
+        "matmul 2048 GFLOP/s",
+        "efficiency (training / matmul)",
+        "peak resident memory MiB",
+    ):
+        assert field in out
+    assert not list(out_dir.iterdir())  # a benchmark trains no run and writes no results
