@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -46,9 +47,9 @@ import numpy as np
 import torch
 import torchvision
 from matplotlib.figure import Figure
-from pyautoencoder.loss import log_likelihood
 from pyautoencoder.variational import VAE
 from torch import nn
+from torch.nn.functional import binary_cross_entropy_with_logits
 from tqdm import tqdm
 
 # ================================================================================ constants
@@ -78,6 +79,8 @@ COMPILE: str = "auto"  # torch.compile the training step: "auto", "on" or "off"
 COMPILE_MIN_SAMPLES: int = (
     1_000_000  # "auto" compiles runs of this many samples on CUDA or 2+ threads
 )
+ESTIMATE_STEPS: int = 20  # timed training steps per setting for the wall-time estimate
+COMPILE_SECONDS: float = 20.0  # what compiling one run's step costs, for the estimate
 BENCHMARK_STEPS: int = 100  # training steps per timing window of --benchmark
 BENCHMARK_WINDOWS: int = 5  # timing windows of --benchmark (after one warm-up window)
 
@@ -356,11 +359,40 @@ def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[torch
     return [torch.optim.Adagrad(g, lr=lr, weight_decay=WEIGHT_DECAY, **kwargs) for g in groups]
 
 
+def reparameterise(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I): MC_SAMPLES draws per datapoint, [B * L, N_z]."""
+    eps = torch.randn(len(mu), MC_SAMPLES, mu.shape[-1], device=mu.device, dtype=mu.dtype)
+    return (mu.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps).flatten(0, 1)
+
+
+def log_px_given_z(vae: VAE, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bernoulli log p(x|z) of the decoder, summed over pixels, datapoints and z draws."""
+    x = x.repeat_interleave(MC_SAMPLES, dim=0) if MC_SAMPLES > 1 else x
+    return -binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
+
+
+def kl_to_prior(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) in closed form (the paper's appendix B), summed over datapoints."""
+    return 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()
+
+
+def aevb_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
+    """-ELBO per datapoint of minibatch x by the SGVB estimator B: closed-form KL, L z draws.
+
+    The same objective as pyautoencoder's `VAE.compute_loss` (a test holds them equal), taken
+    through the model's own encoder, Gaussian head and decoder without its generic sample
+    dimension and diagnostics, which cost time at every step.
+    """
+    mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
+    z = reparameterise(mu, log_var)
+    return (kl_to_prior(mu, log_var) - log_px_given_z(vae, z, x) / MC_SAMPLES) / len(x)
+
+
 def aevb_step(vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor) -> torch.Tensor:
-    """One SGVB step (estimator B: closed-form KL) on minibatch x; returns the loss, -ELBO."""
+    """One AEVB step on minibatch x: Adagrad on encoder and decoder together; returns -ELBO."""
     (opt,) = opts
     opt.zero_grad(set_to_none=True)
-    loss = vae.compute_loss(x, vae(x, S=MC_SAMPLES), likelihood="bernoulli").objective
+    loss = aevb_loss(vae, x)
     loss.backward()
     opt.step()
     return loss.detach()
@@ -369,11 +401,8 @@ def aevb_step(vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor) -> tor
 def wake_step(vae: VAE, opt: torch.optim.Adagrad, x: torch.Tensor) -> torch.Tensor:
     """Wake phase: z ~ q(z|x) held fixed, the decoder climbs log p(x|z); returns -log p(x|z)."""
     with torch.no_grad():
-        mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
-        z = vae.sampling_layer.reparametrize(mu, log_var, S=MC_SAMPLES)
-    logits = vae._decode(z).x_hat  # [B, S, 1, 28, 28]
-    log_px_z = log_likelihood(x.unsqueeze(1).expand_as(logits), logits, likelihood="bernoulli")
-    loss = -log_px_z.flatten(2).sum(-1).mean()  # per datapoint, averaged over the S samples
+        z = reparameterise(*vae.sampling_layer.get_params(vae.encoder(x)))
+    loss = -log_px_given_z(vae, z, x) / (MC_SAMPLES * len(x))  # per datapoint
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -477,18 +506,20 @@ def train_run(
     on_eval: Callable[[dict], None],
     progress: bool = True,
     store: Checkpoints | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Train one (method, N_z) setting, evaluating it along the schedule; returns its run record.
 
     `on_eval` receives the record after every evaluation, so the caller can save it at once.
     With a checkpoint store the run continues from its checkpoint if there is one, writes one
-    at every evaluation and on a stop request, and drops it when the run is done.
+    at every evaluation and on a stop request, and drops it when the run is done. `threads`:
+    CPU threads for this run (None: as set now).
     """
-    keeper = RunKeeper(method, latent_dim, cfg, device, store, progress)
-    run = keeper.record or new_run_record(method, latent_dim, cfg, data, device)
+    keeper = RunKeeper(method, latent_dim, cfg, device, store, progress, threads)
+    run = keeper.begin(keeper.record or new_run_record(method, latent_dim, cfg, data, device))
     seed_everything(run["seed"])
     vae = build_vae(latent_dim, cfg.hidden_size).to(device)
-    step, opts = make_step(method, vae, run["lr"], device, use_compile(cfg))
+    step, opts = make_step(method, vae, run["lr"], device, run["compiled"])
     batches = Batches(data.train, cfg.batch_size)
     samples = keeper.restore(vae, opts, batches)  # 0, or where its checkpoint stopped
     for point in [p for p in schedule_of(cfg) if p > samples]:
@@ -755,16 +786,15 @@ def compiled_step(step: Step, vae: VAE, opts: list[torch.optim.Adagrad]) -> Step
     return lambda x: state["fn"](x)
 
 
-def use_compile(cfg: Config) -> bool:
-    """Whether training steps are compiled: "auto" compiles long runs on CUDA or with 2+ threads.
+def use_compile(cfg: Config, threads: int, device: torch.device) -> bool:
+    """Whether a run's step is compiled: "auto" compiles long runs on CUDA or with 2+ threads.
 
-    With one CPU thread per run, compiling was measured to gain nothing on the 2-core machine
-    the README reports, while costing about 30 s per run.
+    With one CPU thread, compiling was measured to gain nothing on the 2-core machines the
+    README reports (and about 10 % with two), while costing about 20 s per run.
     """
     if cfg.compile != "auto":
         return cfg.compile == "on"
-    fast_device = resolve_device(cfg.device).type == "cuda" or threads_per_run(cfg) > 1
-    return cfg.samples >= COMPILE_MIN_SAMPLES and fast_device
+    return cfg.samples >= COMPILE_MIN_SAMPLES and (device.type == "cuda" or threads > 1)
 
 
 # -------------------------------------------------------------------------------- checkpoints
@@ -841,7 +871,7 @@ class Checkpoints:
                 f"checkpoint {path} cannot be read ({type(exc).__name__}); pass --fresh to start "
                 "over (the old files are kept aside)"
             ) from None
-        if fingerprint != self.fingerprint:
+        if not same_settings(fingerprint, self.fingerprint):
             raise CheckpointError(
                 f"checkpoint {path} was made with other settings: "
                 f"{fingerprint_difference(fingerprint, self.fingerprint)}; pass --fresh to start "
@@ -866,11 +896,16 @@ class RunKeeper:
         device: torch.device,
         store: Checkpoints | None,
         progress: bool,
+        threads: int | None = None,
     ) -> None:
         self.method, self.latent_dim, self.device, self.store = method, latent_dim, device, store
-        self.progress, self.name = progress, f"{method} N_z={latent_dim}"
+        self.cfg, self.progress, self.name = cfg, progress, f"{method} N_z={latent_dim}"
+        self.threads = threads or torch.get_num_threads()
+        torch.set_num_threads(self.threads)
         self.checkpoint = store.load(method, latent_dim) if store else None
         self.record = self.checkpoint["run"] | {"status": "running"} if self.checkpoint else None
+        if self.checkpoint and "compiled" not in self.record:  # made before runs recorded it
+            self.record["compiled"] = bool(self.checkpoint["fingerprint"].get("compiled"))
         self.bar = tqdm(
             total=schedule_of(cfg)[-1],
             unit="samples",
@@ -882,6 +917,16 @@ class RunKeeper:
         )
         self.start = time.perf_counter()
         self.parts: tuple[VAE, list[torch.optim.Adagrad], Batches] | None = None
+
+    def begin(self, run: dict) -> dict:
+        """Record the run's threads and step mode (kept from its first start), and say them."""
+        run["threads"] = self.threads
+        run.setdefault("compiled", use_compile(self.cfg, self.threads, self.device))
+        where = str(self.device)
+        if self.device.type == "cpu":
+            where = f"{self.threads} thread{'s' * (self.threads > 1)}"
+        log(f"[{self.name}] training on {where}, {'compiled' if run['compiled'] else 'eager'} step")
+        return run
 
     def restore(self, vae: VAE, opts: list[torch.optim.Adagrad], batches: Batches) -> int:
         """Load the checkpoint, if any, into the run's parts; the samples it had trained."""
@@ -985,8 +1030,8 @@ def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
         "binarize": cfg.binarize,
         "seed": cfg.seed,
         "device": device.type,
-        "threads": threads_per_run(cfg),
-        "compiled": use_compile(cfg),
+        "threads": cfg.threads,  # 0: each run gets the cores shared among the runs in flight
+        "compiled": cfg.compile,  # each run records its own choice; a resumed run keeps it
         **fixed_constants(),
         "data_sha256": data.digest,
         "torch": str(torch.__version__),
@@ -996,8 +1041,25 @@ def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
     }
 
 
+def same_settings(old: dict, new: dict) -> bool:
+    """Whether results made under fingerprint `old` may be continued under `new`."""
+    return upgraded(old, new) == new
+
+
+def upgraded(old: dict, new: dict) -> dict:
+    """An earlier version's fingerprint in today's terms.
+
+    Before, threads and compiling were settings of the whole invocation (an int and a bool);
+    now each run chooses and records its own, so those two entries no longer tie a folder.
+    """
+    if isinstance(old.get("compiled"), bool):
+        return old | {"threads": new.get("threads"), "compiled": new.get("compiled")}
+    return old
+
+
 def fingerprint_difference(old: dict, new: dict) -> str:
     """The settings that differ between two fingerprints, as 'name old -> new'."""
+    old = upgraded(old, new)
     keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
     return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "none"
 
@@ -1031,14 +1093,14 @@ def environment(device: torch.device, threads: int) -> dict:
 def new_results(cfg: Config, device: torch.device) -> dict:
     """The results skeleton: config as used, environment, one pending run per setting."""
     config = asdict(cfg) | fixed_constants()
-    config |= {"compiled": use_compile(cfg), "eval_schedule": schedule_of(cfg)}
+    config |= {"eval_schedule": schedule_of(cfg)}
     runs = [
         {"method": m, "latent_dim": d, "status": "pending", "evals": []}
         for m, d in settings_of(cfg)
     ]
     return {
         "config": config,
-        "environment": environment(device, threads_per_run(cfg)),
+        "environment": environment(device, cfg.threads),
         "runs": runs,
     }
 
@@ -1062,7 +1124,7 @@ def resume_results(
                 f"{json_path} cannot be read; pass --fresh to start over (the old files are kept "
                 "aside)"
             ) from None
-        if old.get("fingerprint") != fp:
+        if not same_settings(old.get("fingerprint") or {}, fp):
             raise CheckpointError(
                 f"{json_path} was made with other settings: "
                 f"{fingerprint_difference(old.get('fingerprint') or {}, fp)}; pass --fresh to "
@@ -1110,9 +1172,10 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def threads_per_run(cfg: Config) -> int:
-    """Torch CPU threads for each run: --threads, or the cores shared among the jobs."""
-    return cfg.threads or max(1, cpu_count() // cfg.jobs)
+def threads_for(cfg: Config, in_flight: int) -> int:
+    """CPU threads for a run that starts now: --threads, or the cores shared among the runs
+    that will be in flight with it (so a lone run gets every core)."""
+    return cfg.threads or max(1, cpu_count() // max(1, in_flight))
 
 
 def run_all(
@@ -1139,7 +1202,10 @@ def run_all(
         for method, latent_dim in todo:
             runs[(method, latent_dim)]["status"] = "running"
             try:
-                train_run(method, latent_dim, cfg, data, device, update, store=store)
+                threads = threads_for(cfg, 1)  # alone: every core
+                train_run(
+                    method, latent_dim, cfg, data, device, update, store=store, threads=threads
+                )
             except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
                 fail(
                     runs[(method, latent_dim)],
@@ -1159,19 +1225,21 @@ def _worker(
     latent_dim: int,
     store: Checkpoints | None,
     messages: multiprocessing.Queue,
+    threads: int,
 ) -> None:
     """One (method, N_z) run in its own process; records and errors go back through `messages`."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
+    quiet_third_party()
     try:
-        torch.set_num_threads(threads_per_run(cfg))
+        torch.set_num_threads(threads)
         device = resolve_device(cfg.device)
         data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
 
         def send(run: dict) -> None:
             messages.put(("run", copy.deepcopy(run)))
 
-        train_run(method, latent_dim, cfg, data, device, send, progress=False, store=store)
+        train_run(method, latent_dim, cfg, data, device, send, False, store, threads)
     except Interrupted:
         pass  # its checkpoint and record are already written and sent
     except Exception as exc:  # noqa: BLE001 (reported to the main process, which fails the run)
@@ -1215,8 +1283,9 @@ class Workers:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(process.pid, STOP_REQUEST[0])
             while waiting and len(running) < self.cfg.jobs:
+                threads = threads_for(self.cfg, min(self.cfg.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
-                args = (self.cfg, *key, self.store, self.messages)
+                args = (self.cfg, *key, self.store, self.messages, threads)
                 running[key] = self.ctx.Process(
                     target=_worker, args=args, name=f"{key[0]}-nz{key[1]}"
                 )
@@ -1282,6 +1351,77 @@ def fail(run: dict, error: str, trace: str = "") -> None:
     print(f"error: [{name}] failed: {error}; the other runs go on", file=sys.stderr, flush=True)
 
 
+# -------------------------------------------------------------------------------- quiet logs
+def quiet_third_party() -> None:
+    """Silence, at their source, third-party notices that say nothing to our user."""
+    # "No CUDA runtime is found, using CUDA_HOME=..." when inductor compiles on a CPU machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # "Profiler record function ... will be ignored": dynamo tracing the optimiser's step
+    for name in ("torch._dynamo.variables.ctx_manager", "torch._dynamo.variables.torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# -------------------------------------------------------------------------------- time estimate
+def estimate_seconds(
+    cfg: Config, data: Data, device: torch.device, todo: list[tuple[str, int]], runs: dict
+) -> float:
+    """Wall time of training `todo` as run_all will, from a short timed warm-up of each setting.
+
+    Each setting takes ESTIMATE_STEPS eager steps at the thread count it will get, and one
+    full evaluation is timed per thread count; the queue of cfg.jobs slots is then replayed.
+    """
+    step_s: dict[tuple[str, int, int], float] = {}
+    eval_s: dict[int, float] = {}
+    lr = LR_CANDIDATES[0] if cfg.lr == "auto" else float(cfg.lr)
+
+    def duration(method: str, latent_dim: int, threads: int) -> float:
+        key = (method, latent_dim, threads)
+        torch.set_num_threads(threads)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            vae = build_vae(latent_dim, cfg.hidden_size).to(device)
+            step, _ = make_step(method, vae, lr, device, compile_step=False)
+            batches = Batches(data.train, cfg.batch_size)
+            if key not in step_s:
+                float(step(batches.next()))  # warm-up: first-call allocations
+                start = time.perf_counter()
+                for _ in range(ESTIMATE_STEPS):
+                    loss = step(batches.next())
+                float(loss)
+                step_s[key] = (time.perf_counter() - start) / ESTIMATE_STEPS
+            if threads not in eval_s:
+                start = time.perf_counter()
+                evaluate_point(vae, data, cfg.seed)
+                eval_s[threads] = time.perf_counter() - start
+        evals = runs[(method, latent_dim)]["evals"]
+        done = evals[-1]["samples"] if evals else 0
+        points = [p for p in schedule_of(cfg) if p > done]
+        seconds = (points[-1] - done) / cfg.batch_size * step_s[key] + len(points) * eval_s[threads]
+        if cfg.lr == "auto" and not evals:  # the pilots, each scored on the training set
+            pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[key] + eval_s[threads] * 0.9
+            seconds += len(LR_CANDIDATES) * pilot
+        if use_compile(cfg, threads, device):
+            seconds += COMPILE_SECONDS
+        return seconds
+
+    jobs = 1 if cfg.jobs == 1 or len(todo) <= 1 else cfg.jobs
+    now, ends = 0.0, []  # the end times of the runs in flight
+    for i, (method, latent_dim) in enumerate(todo):
+        if len(ends) == jobs:
+            now = min(ends)
+        ends = [e for e in ends if e > now]
+        threads = threads_for(cfg, min(jobs, len(ends) + len(todo) - i))
+        ends.append(now + duration(method, latent_dim, threads))
+    return max(ends, default=0.0)
+
+
+def fmt_duration(seconds: float) -> str:
+    """A duration as people say it: '45 s', '12 min', '2 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 # -------------------------------------------------------------------------------- benchmark
 def flops_per_training_sample(latent_dim: int, hidden_size: int = HIDDEN_SIZE) -> float:
     """FLOPs of one SGVB training step per sample: 2 x multiply-adds of the forward pass x 2.5."""
@@ -1301,18 +1441,48 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
 
 
 def samples_per_second(
-    one_step: Callable[[], torch.Tensor], steps: int, windows: int, batch_size: int
-) -> float:
-    """Median training samples/s over `windows` windows of `steps` steps, after a warm-up window."""
-    rates = []
+    steps_by_name: dict[str, Callable[[], torch.Tensor]], steps: int, windows: int, batch_size: int
+) -> dict[str, float]:
+    """Median training samples/s of each step function, timed in interleaved windows of `steps`
+    steps after one warm-up window, so that all of them see the same machine."""
+    rates: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for w in range(windows + 1):
-        start = time.perf_counter()
-        for _ in range(steps):
-            last = one_step()
-        float(last)  # waits for the device
-        if w:
-            rates.append(steps * batch_size / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, one_step in steps_by_name.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                last = one_step()
+            float(last)  # waits for the device
+            if w:
+                rates[name].append(steps * batch_size / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def plain_step(cfg: Config, device: torch.device, batches: Batches) -> Callable[[], torch.Tensor]:
+    """The yardstick: the same AEVB step (N_z = 20) written as plain PyTorch, one step per call.
+
+    Four nn.Linear layers (one holds both Gaussian heads), tanh, the reparameterised sample,
+    BCE with logits summed over pixels, the closed-form KL, Adagrad with the same weight decay
+    (fused on the CPU), data resident.
+    """
+    h, nz = cfg.hidden_size, 20
+    layers = [nn.Linear(784, h), nn.Linear(h, 2 * nz), nn.Linear(nz, h), nn.Linear(h, 784)]
+    enc, head, dec1, dec2 = (layer.to(device) for layer in layers)
+    params = [p for layer in (enc, head, dec1, dec2) for p in layer.parameters()]
+    fused = {"fused": True} if device.type == "cpu" else {"foreach": True}
+    opt = torch.optim.Adagrad(params, lr=float(LEARNING_RATE), weight_decay=WEIGHT_DECAY, **fused)
+
+    def step() -> torch.Tensor:
+        x = batches.next().flatten(1)
+        opt.zero_grad(set_to_none=True)
+        mu, log_var = head(torch.tanh(enc(x))).chunk(2, dim=1)
+        z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+        rec = binary_cross_entropy_with_logits(dec2(torch.tanh(dec1(z))), x, reduction="sum")
+        loss = (rec + 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()) / len(x)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
 
 
 class _ToTensorImages(torch.utils.data.Dataset):
@@ -1375,20 +1545,25 @@ def benchmark(
         train = torch.rand(60_000, 1, 28, 28, device=device)
         data = Data(train, train, torch.rand(10_000, 1, 28, 28, device=device))
         source = f"synthetic data of MNIST's shape (no MNIST under {cfg.data_dir})"
-    compiled = use_compile(replace(cfg, samples=max(cfg.samples, COMPILE_MIN_SAMPLES)))
+    threads = torch.get_num_threads()
+    long_run = replace(cfg, samples=max(cfg.samples, COMPILE_MIN_SAMPLES))
+    compiled = use_compile(long_run, threads, device)
     mode = "compiled" if compiled else "eager"
     log(
         f"benchmark: N_z = 20, batch {cfg.batch_size}, {source}, {device}, "
-        f"{torch.get_num_threads()} threads, step {mode}"
+        f"{threads} threads, step {mode}"
     )
     gflops = matmul_gflops(device)
     seed_everything(cfg.seed)
     vae = build_vae(20, cfg.hidden_size).to(device)
     step, _ = make_step("aevb", vae, float(LEARNING_RATE), device, compiled)
     batches = Batches(data.train, cfg.batch_size)
-    ours = samples_per_second(lambda: step(batches.next()), steps, windows, cfg.batch_size)
+    yardstick = plain_step(cfg, device, Batches(data.train, cfg.batch_size))
+    both = {"ours": lambda: step(batches.next()), "plain": yardstick}
+    rates = samples_per_second(both, steps, windows, cfg.batch_size)
+    ours, plain = rates["ours"], rates["plain"]
     loader_step = dataloader_step(cfg, device, source == "real MNIST")
-    baseline = samples_per_second(loader_step, steps, windows, cfg.batch_size)
+    baseline = samples_per_second({"loader": loader_step}, steps, windows, cfg.batch_size)["loader"]
     eval_times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -1402,6 +1577,8 @@ def benchmark(
     result: dict[str, float | str] = {
         "data": source,
         "training samples/s (ours)": ours,
+        "training samples/s (plain PyTorch step)": plain,
+        "ratio ours / plain step": ours / plain,
         "training samples/s (DataLoader loop)": baseline,
         "ratio ours / DataLoader": ours / baseline,
         "seconds per full evaluation (60,000 + 10,000)": statistics.median(eval_times),
@@ -1496,7 +1673,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"figure: {png_path}")
         return 0
     device = resolve_device(cfg.device)
-    torch.set_num_threads(threads_per_run(cfg))
+    quiet_third_party()
     if cfg.benchmark:  # one run: all cores unless --threads says otherwise
         torch.set_num_threads(cfg.threads or cpu_count())
         benchmark(
@@ -1524,10 +1701,15 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log(
-        f"training {len(settings_of(cfg))} runs of {cfg.samples:,} samples on {device} "
-        f"({threads_per_run(cfg)} threads per run, {cfg.jobs} job(s)); results: {json_path}"
-    )
+    runs = {(r["method"], r["latent_dim"]): r for r in results["runs"]}
+    todo = [key for key in settings_of(cfg) if runs[key]["status"] not in FINISHED]
+    at_a_time = min(cfg.jobs, len(todo)) or 1
+    threads = f"{cfg.threads} threads per run" if cfg.threads else "cores shared among them"
+    log(f"training on {device}, {at_a_time} run(s) at a time ({threads}); results: {json_path}")
+    started = time.perf_counter()
+    estimate = estimate_seconds(cfg, data, device, todo, runs)
+    work = f"{len(todo)} runs x {cfg.samples:,} samples, {at_a_time} at a time"
+    log(f"estimate: {work}: about {fmt_duration(estimate)} here")
     STOP_REQUEST.clear()
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1547,6 +1729,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     print(results_table(results))
+    took = time.perf_counter() - started
+    print(f"wall time: {fmt_duration(took)} (estimated {fmt_duration(estimate)})")
     print(f"figure: {png_path}\nresults: {json_path}")
     if code >= 128:
         print(

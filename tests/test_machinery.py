@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -346,6 +347,8 @@ def test_benchmark_smoke_prints_every_field(
     assert "real MNIST" in out  # the synthetic files stand in for MNIST here
     for field in (
         "training samples/s (ours)",
+        "training samples/s (plain PyTorch step)",
+        "ratio ours / plain step",
         "training samples/s (DataLoader loop)",
         "ratio ours / DataLoader",
         "seconds per full evaluation",
@@ -355,3 +358,65 @@ def test_benchmark_smoke_prints_every_field(
     ):
         assert field in out
     assert not list(out_dir.iterdir())  # a benchmark trains no run and writes no results
+
+
+def test_threads_are_the_cores_shared_among_the_runs_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(rf, "cpu_count", lambda: 8)
+    auto = rf.Config(threads=0, jobs=2)
+    assert rf.threads_for(auto, 1) == 8  # a lone run gets every core
+    assert rf.threads_for(auto, 2) == 4
+    assert rf.threads_for(auto, 16) == 1
+    assert rf.threads_for(rf.Config(threads=3, jobs=2), 1) == 3  # --threads overrides
+
+
+def test_a_lone_run_trains_on_every_core_and_says_so(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(rf, "cpu_count", lambda: 3)
+    out = tmp_path / "out"
+    args = tiny_args(mnist_dir, out, "--latent-dims", "2", "--methods", "aevb", "--threads", "0")
+    try:
+        assert rf.main([*args, "--jobs", "2"]) == 0
+    finally:
+        torch.set_num_threads(1)
+    (run,) = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    assert run["threads"] == 3 and run["compiled"] is False
+    assert "[aevb N_z=2] training on 3 threads, eager step" in capsys.readouterr().out
+
+
+def test_the_time_estimate_is_printed_before_training_and_the_wall_time_after(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    estimate = re.search(r"estimate: 4 runs x 1,200 samples, 1 at a time: about (\d+) s here", out)
+    assert estimate is not None and int(estimate.group(1)) >= 0
+    assert out.index("estimate:") < out.index("[aevb N_z=2] samples")
+    assert re.search(r"wall time: \d+ s \(estimated \d+ s\)", out)
+    assert (
+        rf.estimate_seconds(
+            rf.parse_config(tiny_args(mnist_dir, tmp_path / "o2")),
+            rf.load_data(str(mnist_dir), torch.device("cpu"), False, 0, verify=False),
+            torch.device("cpu"),
+            [("aevb", 2)],
+            {("aevb", 2): {"evals": []}},
+        )
+        > 0
+    )
+
+
+@pytest.mark.parametrize(
+    "seconds, said", [(4.2, "4 s"), (89, "89 s"), (600, "10 min"), (3 * 3600 + 300, "3 h 05 min")]
+)
+def test_durations_are_said_as_people_say_them(seconds: float, said: str) -> None:
+    assert rf.fmt_duration(seconds) == said
+
+
+def test_a_folder_of_the_previous_version_continues() -> None:
+    now = {"seed": 1926, "threads": 0, "compiled": "auto"}
+    before = {"seed": 1926, "threads": 1, "compiled": False}  # invocation-wide, as it used to be
+    assert rf.same_settings(before, now)
+    assert not rf.same_settings(before | {"seed": 7}, now)
+    assert rf.fingerprint_difference(before | {"seed": 7}, now) == "seed 7 -> 1926"
