@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -85,7 +86,9 @@ BENCHMARK_STEPS: int = 100  # training steps per timing window of --benchmark
 BENCHMARK_WINDOWS: int = 5  # timing windows of --benchmark (after one warm-up window)
 
 FIGURE_NAME = "vae_mnist_fig2_repro.png"  # figure written to OUT_DIR
+FIGURE_EVERY_S = 60.0  # while training, the figure is redrawn at most this often (and at the end)
 RESULTS_NAME = "vae_mnist_fig2_repro.json"  # results written to OUT_DIR
+RUNS_FOLDER = "runs"  # under OUT_DIR: one JSON and one lock file per (method, N_z) run
 PAPER_YLIM = (-150.0, -95.0)  # the paper's vertical range, widened only to fit measured points
 PAPER_XLIM = (1e5, 1e8)  # the paper's horizontal range, widened only to fit measured points
 METHOD_STYLE = {"aevb": ("AEVB", "tab:red"), "wake-sleep": ("WS", "tab:blue")}  # legend, colour
@@ -361,14 +364,19 @@ def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[torch
 
 def reparameterise(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """z = mu + sigma * eps with eps ~ N(0, I): MC_SAMPLES draws per datapoint, [B * L, N_z]."""
+    if MC_SAMPLES == 1:
+        return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
     eps = torch.randn(len(mu), MC_SAMPLES, mu.shape[-1], device=mu.device, dtype=mu.dtype)
     return (mu.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps).flatten(0, 1)
 
 
-def log_px_given_z(vae: VAE, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Bernoulli log p(x|z) of the decoder, summed over pixels, datapoints and z draws."""
-    x = x.repeat_interleave(MC_SAMPLES, dim=0) if MC_SAMPLES > 1 else x
-    return -binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
+def neg_log_px_given_z(vae: VAE, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) of the Bernoulli decoder, summed over pixels and datapoints, averaged over
+    the L draws of z."""
+    if MC_SAMPLES == 1:
+        return binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
+    x = x.repeat_interleave(MC_SAMPLES, dim=0)
+    return binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum") / MC_SAMPLES
 
 
 def kl_to_prior(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -385,7 +393,7 @@ def aevb_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     """
     mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
     z = reparameterise(mu, log_var)
-    return (kl_to_prior(mu, log_var) - log_px_given_z(vae, z, x) / MC_SAMPLES) / len(x)
+    return (neg_log_px_given_z(vae, z, x) + kl_to_prior(mu, log_var)) / len(x)
 
 
 def aevb_step(vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor) -> torch.Tensor:
@@ -402,7 +410,7 @@ def wake_step(vae: VAE, opt: torch.optim.Adagrad, x: torch.Tensor) -> torch.Tens
     """Wake phase: z ~ q(z|x) held fixed, the decoder climbs log p(x|z); returns -log p(x|z)."""
     with torch.no_grad():
         z = reparameterise(*vae.sampling_layer.get_params(vae.encoder(x)))
-    loss = -log_px_given_z(vae, z, x) / (MC_SAMPLES * len(x))  # per datapoint
+    loss = neg_log_px_given_z(vae, z, x) / len(x)  # per datapoint
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -532,6 +540,8 @@ def train_run(
                 break
             run["evals"].append(e | {"wall_seconds": keeper.elapsed()})
             keeper.show(run["evals"][-1])
+        if STOP_REQUEST:
+            run["status"] = "interrupted"
         keeper.save(run, samples)  # before the JSON: a kill in between loses nothing
         on_eval(run)
         if STOP_REQUEST:
@@ -591,41 +601,49 @@ def pick_lr(
 
 # ================================================================================ figure
 def plot_results(results: dict, path: str) -> Figure:
-    """Draw Figure 2 from a results dict: one panel per N_z, train solid, test dashed."""
+    """Draw Figure 2 in the paper's frame: one panel per N_z, train solid, test dashed; with
+    several seeds the median is the line and the range a light band. Lines leave the frame
+    clipped at its edge, as in the paper; the JSON keeps the full range."""
     runs = [r for r in results["runs"] if r["evals"]]
     dims = list(dict.fromkeys(r["latent_dim"] for r in results["runs"])) or [None]
-    fig = Figure(figsize=(3.0 * len(dims), 3.3))
+    fig = Figure(figsize=(3.0 * len(dims), 3.7))
     axes = fig.subplots(1, len(dims), sharey=True, squeeze=False)[0]
-    values, xs_all = [], []
     for ax, nz in zip(axes, dims, strict=True):
-        for run in (r for r in runs if r["latent_dim"] == nz):
-            label, colour = METHOD_STYLE.get(run["method"], (run["method"], None))
-            xs = [e["samples"] for e in run["evals"]]
+        for method in dict.fromkeys(r["method"] for r in runs if r["latent_dim"] == nz):
+            seeds = [r for r in runs if r["latent_dim"] == nz and r["method"] == method]
+            label, colour = METHOD_STYLE.get(method, (method, None))
             for split, style in (("train", "-"), ("test", "--")):
-                ys = [e[f"{split}_elbo"] for e in run["evals"]]
-                ax.plot(xs, ys, style, color=colour, linewidth=1.2, label=f"{label} ({split})")
-                values += ys
-            xs_all += xs
+                xs, low, mid, high = seed_band(seeds, f"{split}_elbo")
+                ax.plot(xs, mid, style, color=colour, linewidth=1.2, label=f"{label} ({split})")
+                if len(seeds) > 1:
+                    ax.fill_between(xs, low, high, color=colour, alpha=0.15, linewidth=0)
         ax.set_xscale("log")
+        ax.set_xlim(*PAPER_XLIM)
         ax.set_title(f"MNIST, $N_z = {nz}$")
         ax.set_xlabel("# Training samples evaluated")
         ax.grid(True, which="major", alpha=0.3)
-        if ax.lines:
-            ax.legend(loc="lower right", fontsize=7)
+    axes[0].set_ylim(*PAPER_YLIM)
     axes[0].set_ylabel(r"$\mathcal{L}$")
-    lo, hi = PAPER_YLIM
-    if values:
-        span = max(values) - min(values)
-        lo, hi = min(lo, min(values) - 0.03 * span), max(hi, max(values) + 0.03 * span)
-    axes[0].set_ylim(lo, hi)
-    x_lo, x_hi = PAPER_XLIM
-    if xs_all:
-        x_lo, x_hi = min(x_lo, min(xs_all) / 1.2), max(x_hi, max(xs_all) * 1.2)
-    for ax in axes:
-        ax.set_xlim(x_lo, x_hi)
-    fig.tight_layout()
+    legend = {line.get_label(): line for ax in axes for line in ax.get_lines()}
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     return fig
+
+
+def seed_band(runs: list[dict], field: str) -> tuple[list[int], list, list, list]:
+    """Samples, minimum, median and maximum of `field` over runs of several seeds, at the
+    evaluation points that all of them reached."""
+    reached = [{e["samples"]: e[field] for e in r["evals"]} for r in runs]
+    xs = sorted(set.intersection(*(set(values) for values in reached)))
+    columns = [[values[x] for values in reached] for x in xs]
+    return (
+        xs,
+        [min(c) for c in columns],
+        [statistics.median(c) for c in columns],
+        [max(c) for c in columns],
+    )
 
 
 def results_table(results: dict) -> str:
@@ -1090,32 +1108,173 @@ def environment(device: torch.device, threads: int) -> dict:
     }
 
 
-def new_results(cfg: Config, device: torch.device) -> dict:
-    """The results skeleton: config as used, environment, one pending run per setting."""
-    config = asdict(cfg) | fixed_constants()
-    config |= {"eval_schedule": schedule_of(cfg)}
-    runs = [
-        {"method": m, "latent_dim": d, "status": "pending", "evals": []}
-        for m, d in settings_of(cfg)
-    ]
-    return {
-        "config": config,
-        "environment": environment(device, cfg.threads),
-        "runs": runs,
-    }
+def results_header(cfg: Config, device: torch.device) -> dict:
+    """What the combined results say besides the runs: the config as used, the environment."""
+    config = asdict(cfg) | fixed_constants() | {"eval_schedule": schedule_of(cfg)}
+    return {"config": config, "environment": environment(device, cfg.threads)}
 
 
-def resume_results(
-    cfg: Config, device: torch.device, fp: dict, json_path: str, store: Checkpoints
-) -> dict:
-    """The results to continue: the earlier file's runs when made with the same fingerprint.
+def pending_run(key: tuple[str, int]) -> dict:
+    """The record of a run that no process has started."""
+    return {"method": key[0], "latent_dim": key[1], "status": "pending", "evals": []}
 
-    Raises CheckpointError, naming the file and the differing settings, when the earlier
-    results or a checkpoint cannot be used.
+
+def figure_order(run: dict) -> tuple[int, int]:
+    """Sort key of a run record: methods in METHODS order, then N_z."""
+    order = METHODS.index(run["method"]) if run["method"] in METHODS else len(METHODS)
+    return order, run["latent_dim"]
+
+
+class RunLock:
+    """The lock on one run, held by the process that trains it.
+
+    fcntl.flock on a lock file: the operating system releases it when that process ends,
+    however it ends, so no stale lock survives a kill. The file names the holder.
     """
-    results = new_results(cfg, device) | {"fingerprint": fp}
-    old = None
-    if os.path.exists(json_path):
+
+    def __init__(self, path: str) -> None:
+        self.path, self.fd = path, -1
+
+    def acquire(self) -> str | None:
+        """Take the lock: None when taken, else who holds it ("host pid N")."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            return holder or "another process"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        """Let the run go."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def lock_holder(path: str) -> str | None:
+    """Who holds the lock at `path` now, or None when nobody does."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ResultsFolder:
+    """OUT_DIR's results: one file per run under runs/, the source of truth, and the combined
+    JSON and figure, rebuilt from every run file in the folder.
+
+    A run's file is rewritten atomically after each evaluation by the process that trains it,
+    which holds the run's lock, so invocations (or machines) that share the folder neither
+    train a run twice at once nor drop each other's results.
+    """
+
+    out_dir: str
+    fingerprint: dict
+    header: dict
+    settings: tuple[tuple[str, int], ...]  # this invocation's runs, in figure order
+
+    @property
+    def folder(self) -> str:
+        """Where the run files and their locks live."""
+        return os.path.join(self.out_dir, RUNS_FOLDER)
+
+    def path(self, key: tuple[str, int], ext: str = ".json") -> str:
+        """The run file (or with ext=".lock", the lock file) of one run."""
+        return os.path.join(self.folder, f"{key[0]}_nz{key[1]}{ext}")
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the folder's own lock: rebuilding the combined results and taking a run's lock
+        happen one process at a time, so a probe of a lock never makes another process skip."""
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(os.path.join(self.folder, ".folder.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def lock(self, key: tuple[str, int]) -> tuple[RunLock, str | None]:
+        """Try to take one run's lock: the lock, and None or who holds it instead."""
+        lock = RunLock(self.path(key, ".lock"))
+        with self.exclusive():
+            return lock, lock.acquire()
+
+    def read(self) -> dict[tuple[str, int], dict]:
+        """Every run file in the folder by (method, N_z); CheckpointError for one that is
+        unreadable or was made with other settings."""
+        names = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
+        runs = {}
+        for name in (n for n in names if n.endswith(".json")):
+            path = os.path.join(self.folder, name)
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+                run, fp = saved["run"], saved["fingerprint"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CheckpointError(
+                    f"{path} cannot be read; pass --fresh to start over (the old files are "
+                    "kept aside)"
+                ) from None
+            if not same_settings(fp, self.fingerprint):
+                raise CheckpointError(
+                    f"{path} was made with other settings: "
+                    f"{fingerprint_difference(fp, self.fingerprint)}; pass --fresh to start over "
+                    "(the old files are kept aside), or use another --out-dir"
+                )
+            runs[_key(run)] = run
+        return runs
+
+    def save_run(self, run: dict) -> None:
+        """Write one run's file atomically, then rebuild the combined results (and, at most
+        every FIGURE_EVERY_S seconds, the figure)."""
+        os.makedirs(self.folder, exist_ok=True)
+        saved = {"fingerprint": self.fingerprint, "environment": self.header["environment"]}
+        write_json_atomic(saved | {"run": run}, self.path(_key(run)))
+        png = os.path.join(self.out_dir, FIGURE_NAME)
+        stale = not os.path.exists(png) or time.time() - os.path.getmtime(png) > FIGURE_EVERY_S
+        self.publish(figure=stale)
+
+    def publish(self, figure: bool = True) -> dict:
+        """Rebuild the combined JSON (and the figure) from all the run files; returns it."""
+        with self.exclusive():
+            on_disk = self.read()
+            runs = [on_disk.pop(key, pending_run(key)) for key in self.settings]
+            runs += sorted(on_disk.values(), key=figure_order)  # runs of other settings stay
+            results = self.header | {"fingerprint": self.fingerprint}
+            results["runs"] = [self.shown(run) for run in runs]
+            write_json_atomic(results, os.path.join(self.out_dir, RESULTS_NAME))
+        if figure:
+            plot_results(results, os.path.join(self.out_dir, FIGURE_NAME))
+        return results
+
+    def shown(self, run: dict) -> dict:
+        """A run as the combined file shows it: "running" only while a process holds it."""
+        if run["status"] == "running" and lock_holder(self.path(_key(run), ".lock")) is None:
+            return run | {"status": "interrupted"}
+        return run
+
+    def migrate(self, json_path: str) -> None:
+        """Check an earlier combined JSON and give each of its runs without a run file one.
+
+        Raises CheckpointError when it is unreadable or was made with other settings.
+        """
+        if not os.path.exists(json_path):
+            return
         try:
             with open(json_path) as f:
                 old = json.load(f)
@@ -1124,19 +1283,50 @@ def resume_results(
                 f"{json_path} cannot be read; pass --fresh to start over (the old files are kept "
                 "aside)"
             ) from None
-        if not same_settings(old.get("fingerprint") or {}, fp):
+        if not same_settings(old.get("fingerprint") or {}, self.fingerprint):
             raise CheckpointError(
                 f"{json_path} was made with other settings: "
-                f"{fingerprint_difference(old.get('fingerprint') or {}, fp)}; pass --fresh to "
-                "start over (the old files are kept aside), or use another --out-dir"
+                f"{fingerprint_difference(old.get('fingerprint') or {}, self.fingerprint)}; pass "
+                "--fresh to start over (the old files are kept aside), or use another --out-dir"
             )
-    for method, latent_dim in settings_of(cfg):
-        store.load(method, latent_dim)  # refuses an unreadable or foreign checkpoint before work
-    if old:
-        earlier = {(r["method"], r["latent_dim"]): r for r in old["runs"]}
-        now = [earlier.pop((r["method"], r["latent_dim"]), r) for r in results["runs"]]
-        results["runs"] = now + list(earlier.values())  # runs of other settings stay in the file
-    return results
+        on_disk = self.read()
+        os.makedirs(self.folder, exist_ok=True)
+        moved = [r for r in old["runs"] if _key(r) not in on_disk]
+        for run in (r for r in moved if r["evals"] or r["status"] in FINISHED):
+            if run["status"] == "running":
+                run = run | {"status": "interrupted"}
+            write_json_atomic({"fingerprint": self.fingerprint, "run": run}, self.path(_key(run)))
+            name = f"{run['method']} N_z={run['latent_dim']}"
+            log(f"[{name}] moved from {json_path} into {RUNS_FOLDER}/")
+
+
+def _key(run: dict) -> tuple[str, int]:
+    """A run record's (method, N_z)."""
+    return run["method"], run["latent_dim"]
+
+
+def redraw(out_dir: str) -> bool:
+    """--plot-only: rebuild the combined JSON and the figure from the run files alone, or
+    redraw the figure from the combined JSON of a folder without run files; True if the JSON
+    was rebuilt."""
+    json_path, runs_dir = os.path.join(out_dir, RESULTS_NAME), os.path.join(out_dir, RUNS_FOLDER)
+    names = (
+        sorted(n for n in os.listdir(runs_dir) if n.endswith(".json"))
+        if os.path.isdir(runs_dir)
+        else []
+    )
+    if not names:
+        with open(json_path) as f:
+            plot_results(json.load(f), os.path.join(out_dir, FIGURE_NAME))
+        return False
+    header = {"config": {}, "environment": {}}
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            header |= {k: v for k, v in json.load(f).items() if k in ("config", "environment")}
+    with open(os.path.join(runs_dir, names[0])) as f:
+        fp = json.load(f)["fingerprint"]
+    ResultsFolder(out_dir, fp, header, ()).publish()
+    return True
 
 
 def keep_aside(path: str) -> None:
@@ -1179,55 +1369,82 @@ def threads_for(cfg: Config, in_flight: int) -> int:
 
 
 def run_all(
+    cfg: Config, data: Data, device: torch.device, folder: ResultsFolder, store: Checkpoints
+) -> dict[tuple[str, int], str]:
+    """Train every unfinished setting that no other process holds, here or in worker
+    processes; returns the runs left to other processes, with who holds them."""
+    on_disk, todo = folder.read(), []
+    for key in folder.settings:
+        status = on_disk.get(key, pending_run(key))["status"]
+        if status in FINISHED:
+            log(f"[{key[0]} N_z={key[1]}] already {status}: skipped")
+        else:
+            todo.append(key)
+    if cfg.jobs == 1 or len(todo) <= 1:
+        left = {}
+        for key in todo:
+            holder = train_locked(key, cfg, data, device, folder, store, threads_for(cfg, 1))
+            if holder:
+                left[key] = holder
+            if STOP_REQUEST:
+                break
+    else:
+        left = Workers(cfg, folder, store, schedule_of(cfg)[-1]).run(todo)
+    if STOP_REQUEST:
+        raise Interrupted(128 + STOP_REQUEST[0])
+    return left
+
+
+def train_locked(
+    key: tuple[str, int],
     cfg: Config,
     data: Data,
     device: torch.device,
-    results: dict,
-    save: Callable[[], None],
-    store: Checkpoints | None = None,
-) -> None:
-    """Train every unfinished setting, here or in worker processes, saving after each evaluation."""
-    runs = {(r["method"], r["latent_dim"]): r for r in results["runs"]}
-    todo = [key for key in settings_of(cfg) if runs[key]["status"] not in FINISHED]
-    for method, latent_dim in settings_of(cfg):
-        if (method, latent_dim) not in todo:
-            status = runs[(method, latent_dim)]["status"]
-            log(f"[{method} N_z={latent_dim}] already {status}: skipped")
+    folder: ResultsFolder,
+    store: Checkpoints,
+    threads: int,
+    on_eval: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> str | None:
+    """Train one run while holding its lock, saving its file after every evaluation; returns
+    None, or who holds the run instead (it is then left to them)."""
+    name = f"{key[0]} N_z={key[1]}"
+    lock, holder = folder.lock(key)
+    if holder:
+        log(f"[{name}] skipped: {holder} is training it")
+        return holder
+    try:
+        run = folder.read().get(key)  # another process may have finished it meanwhile
+        if run and run["status"] in FINISHED:
+            log(f"[{name}] already {run['status']}: skipped")
+            return None
 
-    def update(run: dict) -> None:
-        runs[(run["method"], run["latent_dim"])].update(run)
-        save()
+        def save(run: dict) -> None:
+            folder.save_run(run)
+            if on_eval:
+                on_eval(run)
 
-    if cfg.jobs == 1 or len(todo) <= 1:
-        for method, latent_dim in todo:
-            runs[(method, latent_dim)]["status"] = "running"
-            try:
-                threads = threads_for(cfg, 1)  # alone: every core
-                train_run(
-                    method, latent_dim, cfg, data, device, update, store=store, threads=threads
-                )
-            except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
-                fail(
-                    runs[(method, latent_dim)],
-                    f"{type(exc).__name__}: {exc}",
-                    traceback.format_exc(),
-                )
-                save()
-        return
-    Workers(cfg, store, runs, update, save, schedule_of(cfg)[-1]).run(todo)
-    if STOP_REQUEST:
-        raise Interrupted(128 + STOP_REQUEST[0])
+        try:
+            train_run(*key, cfg, data, device, save, progress, store, threads)
+        except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
+            run = folder.read().get(key) or pending_run(key)
+            fail(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            folder.save_run(run)
+        return None
+    finally:
+        lock.release()
 
 
 def _worker(
     cfg: Config,
-    method: str,
-    latent_dim: int,
-    store: Checkpoints | None,
+    key: tuple[str, int],
+    folder: ResultsFolder,
+    store: Checkpoints,
     messages: multiprocessing.Queue,
     threads: int,
 ) -> None:
-    """One (method, N_z) run in its own process; records and errors go back through `messages`."""
+    """One (method, N_z) run in its own process; it writes its run file, and tells the main
+    process each evaluation, or that another process holds the run."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
     quiet_third_party()
@@ -1239,12 +1456,14 @@ def _worker(
         def send(run: dict) -> None:
             messages.put(("run", copy.deepcopy(run)))
 
-        train_run(method, latent_dim, cfg, data, device, send, False, store, threads)
+        holder = train_locked(key, cfg, data, device, folder, store, threads, send, False)
+        if holder:
+            messages.put(("held", key, holder))
     except Interrupted:
-        pass  # its checkpoint and record are already written and sent
-    except Exception as exc:  # noqa: BLE001 (reported to the main process, which fails the run)
+        pass  # its checkpoint and run file are already written
+    except Exception as exc:  # noqa: BLE001 (the main process marks the run as failed)
         error = f"{type(exc).__name__}: {exc}"
-        messages.put(("error", (method, latent_dim), error, traceback.format_exc()))
+        messages.put(("error", key, error, traceback.format_exc()))
         sys.exit(1)
 
 
@@ -1253,28 +1472,21 @@ class Workers:
 
     Hand-written rather than a ProcessPoolExecutor: a worker killed outright (a crash, an
     out-of-memory kill) breaks such a pool for every run, while here it fails only its own
-    run and the others go on. Each worker sends its run record after every evaluation; the
-    main process saves it and advances that setting's progress bar. On a stop request no new
-    worker starts and the running ones get the same signal, so each writes its checkpoint.
+    run and the others go on. Each worker writes its run file and tells the main process each
+    evaluation, which it prints and shows on that setting's progress bar. On a stop request no
+    new worker starts and the running ones get the same signal, so each saves and stops.
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        store: Checkpoints | None,
-        runs: dict,
-        update: Callable[[dict], None],
-        save: Callable[[], None],
-        total: int,
-    ) -> None:
-        self.cfg, self.store, self.runs, self.update, self.save = cfg, store, runs, update, save
-        self.total = total
+    def __init__(self, cfg: Config, folder: ResultsFolder, store: Checkpoints, total: int) -> None:
+        self.cfg, self.folder, self.store, self.total = cfg, folder, store, total
         self.ctx = multiprocessing.get_context("spawn")
         self.messages = self.ctx.Queue()
         self.bars: dict[tuple[str, int], tqdm] = {}
+        self.left: dict[tuple[str, int], str] = {}
+        self.seen: dict[tuple[str, int], int] = {}
 
-    def run(self, todo: list[tuple[str, int]]) -> None:
-        """Train the settings in `todo` until each has ended."""
+    def run(self, todo: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """Train the settings in `todo` until each has ended; the runs left to others."""
         waiting, running, forwarded = list(todo), {}, False
         while waiting or running:
             if STOP_REQUEST and not forwarded:
@@ -1285,12 +1497,10 @@ class Workers:
             while waiting and len(running) < self.cfg.jobs:
                 threads = threads_for(self.cfg, min(self.cfg.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
-                args = (self.cfg, *key, self.store, self.messages, threads)
-                running[key] = self.ctx.Process(
-                    target=_worker, args=args, name=f"{key[0]}-nz{key[1]}"
-                )
+                args = (self.cfg, key, self.folder, self.store, self.messages, threads)
+                name = f"{key[0]}-nz{key[1]}"
+                running[key] = self.ctx.Process(target=_worker, args=args, name=name)
                 running[key].start()
-                self.runs[key]["status"] = "running"
             self.receive(timeout=0.2)
             for key, process in list(running.items()):
                 if process.is_alive():
@@ -1300,15 +1510,26 @@ class Workers:
                 while self.receive(timeout=0):
                     pass
                 del running[key]
-                if self.runs[key]["status"] == "running" and not STOP_REQUEST:  # else: interrupted
+                if not STOP_REQUEST and key not in self.left:  # else: interrupted, or not ours
                     code = process.exitcode
-                    fail(
-                        self.runs[key],
+                    self.fail_if_unfinished(
+                        key,
                         f"its worker process ended with exit status {code} before the run finished",
                     )
-                    self.save()
         for bar in self.bars.values():
             bar.close()
+        return self.left
+
+    def fail_if_unfinished(self, key: tuple[str, int], why: str, trace: str = "") -> None:
+        """Mark the run of a worker that ended before its run did as failed, saying why."""
+        lock, holder = self.folder.lock(key)
+        try:
+            run = self.folder.read().get(key) or pending_run(key)
+            if holder is None and run["status"] not in (*FINISHED, "failed"):
+                fail(run, why, trace)
+                self.folder.save_run(run)
+        finally:
+            lock.release()
 
     def receive(self, timeout: float) -> bool:
         """Handle one message from a worker; False if none came within `timeout`."""
@@ -1316,29 +1537,29 @@ class Workers:
             message = self.messages.get(timeout=timeout) if timeout else self.messages.get_nowait()
         except queue.Empty:
             return False
-        if message[0] == "error":
+        if message[0] == "held":
+            self.left[message[1]] = message[2]
+        elif message[0] == "error":
             _, key, error, trace = message
-            fail(self.runs[key], error, trace)
-            self.save()
-            return True
-        run = message[1]
-        key, last = (run["method"], run["latent_dim"]), run["evals"][-1] if run["evals"] else None
-        if key not in self.bars:
-            desc, position = f"{key[0]} N_z={key[1]}", len(self.bars)
-            self.bars[key] = tqdm(
-                total=self.total,
-                unit="samples",
-                unit_scale=True,
-                desc=desc,
-                position=position,
-                disable=None,
-                leave=False,
-            )
-        if last and last not in self.runs[key]["evals"]:
-            log(fmt_eval(*key, last))
-            self.bars[key].update(last["samples"] - self.bars[key].n)
-            self.bars[key].set_postfix(test_elbo=f"{last['test_elbo']:.2f}")
-        self.update(run)
+            self.fail_if_unfinished(key, error, trace)
+        else:
+            run = message[1]
+            key, evals = _key(run), run["evals"]
+            if key not in self.bars:
+                self.bars[key] = tqdm(
+                    total=self.total,
+                    unit="samples",
+                    unit_scale=True,
+                    desc=f"{key[0]} N_z={key[1]}",
+                    position=len(self.bars),
+                    disable=None,
+                    leave=False,
+                )
+            if evals and len(evals) > self.seen.get(key, 0):
+                self.seen[key] = len(evals)
+                log(fmt_eval(*key, evals[-1]))
+                self.bars[key].update(evals[-1]["samples"] - self.bars[key].n)
+                self.bars[key].set_postfix(test_elbo=f"{evals[-1]['test_elbo']:.2f}")
         return True
 
 
@@ -1392,7 +1613,7 @@ def estimate_seconds(
                 start = time.perf_counter()
                 evaluate_point(vae, data, cfg.seed)
                 eval_s[threads] = time.perf_counter() - start
-        evals = runs[(method, latent_dim)]["evals"]
+        evals = runs.get((method, latent_dim), pending_run((method, latent_dim)))["evals"]
         done = evals[-1]["samples"] if evals else 0
         points = [p for p in schedule_of(cfg) if p > done]
         seconds = (points[-1] - done) / cfg.batch_size * step_s[key] + len(points) * eval_s[threads]
@@ -1660,17 +1881,15 @@ def main(argv: list[str] | None = None) -> int:
     png_path = os.path.join(cfg.out_dir, FIGURE_NAME)
     if cfg.plot_only:
         try:
-            with open(json_path) as f:
-                results = json.load(f)
-        except (OSError, ValueError) as exc:
+            results = redraw(cfg.out_dir)
+        except (OSError, ValueError, KeyError, CheckpointError) as exc:
             print(
-                f"error: cannot read {json_path} ({exc}); run the training first or point "
-                "--out-dir at its folder",
+                f"error: cannot read the results in {cfg.out_dir} ({exc}); run the training "
+                "first or point --out-dir at its folder",
                 file=sys.stderr,
             )
             return 2
-        plot_results(results, png_path)
-        print(f"figure: {png_path}")
+        print(f"figure: {png_path}" + f"\nresults: {json_path}" * bool(results))
         return 0
     device = resolve_device(cfg.device)
     quiet_third_party()
@@ -1692,46 +1911,51 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    store = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), fingerprint(cfg, data, device))
+    fp = fingerprint(cfg, data, device)
+    store = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), fp)
+    folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(settings_of(cfg)))
     if cfg.fresh:
-        keep_aside(json_path)
-        keep_aside(store.folder)
+        for path in (json_path, folder.folder, store.folder):
+            keep_aside(path)
     try:
-        results = resume_results(cfg, device, store.fingerprint, json_path, store)
+        folder.migrate(json_path)
+        on_disk = folder.read()  # refuses a run file that is unreadable or from other settings
+        for key in folder.settings:
+            store.load(*key)  # refuses an unreadable or foreign checkpoint before any work
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    runs = {(r["method"], r["latent_dim"]): r for r in results["runs"]}
-    todo = [key for key in settings_of(cfg) if runs[key]["status"] not in FINISHED]
+    todo = [k for k in folder.settings if on_disk.get(k, pending_run(k))["status"] not in FINISHED]
     at_a_time = min(cfg.jobs, len(todo)) or 1
     threads = f"{cfg.threads} threads per run" if cfg.threads else "cores shared among them"
     log(f"training on {device}, {at_a_time} run(s) at a time ({threads}); results: {json_path}")
     started = time.perf_counter()
-    estimate = estimate_seconds(cfg, data, device, todo, runs)
-    work = f"{len(todo)} runs x {cfg.samples:,} samples, {at_a_time} at a time"
+    estimate = estimate_seconds(cfg, data, device, todo, on_disk)
+    work = (
+        f"{len(todo)} run{'s' * (len(todo) != 1)} x {cfg.samples:,} samples, {at_a_time} at a time"
+    )
     log(f"estimate: {work}: about {fmt_duration(estimate)} here")
     STOP_REQUEST.clear()
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code, left = 0, {}
     try:
         try:
-            run_all(
-                cfg, data, device, results, lambda: write_json_atomic(results, json_path), store
-            )
-            code = 3 if any(r["status"] != "done" for r in results["runs"]) else 0
+            left = run_all(cfg, data, device, folder, store)
         except Interrupted as exc:
             code = exc.code
-            for r in results["runs"]:
-                if r["status"] == "running":
-                    r["status"] = "interrupted"
-        write_json_atomic(results, json_path)  # still under request_stop: Ctrl-C cannot break it
-        plot_results(results, png_path)
+        results = folder.publish()  # still under request_stop: Ctrl-C cannot break it
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    ours = [r for r in results["runs"] if _key(r) in folder.settings and _key(r) not in left]
+    if not code and any(r["status"] != "done" for r in ours):
+        code = 3
     print(results_table(results))
     took = time.perf_counter() - started
     print(f"wall time: {fmt_duration(took)} (estimated {fmt_duration(estimate)})")
     print(f"figure: {png_path}\nresults: {json_path}")
+    for (method, latent_dim), holder in left.items():
+        print(f"left to another process: [{method} N_z={latent_dim}], held by {holder}")
     if code >= 128:
         print(
             f"stopped by signal {code - 128}: checkpoints are in {store.folder}; "

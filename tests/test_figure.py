@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import pytest
 
 import reproduce_fig2 as rf
 
@@ -21,42 +22,47 @@ def fake_results(methods: tuple[str, ...], dims: tuple[int, ...], low: float = -
     return {"config": {}, "environment": {}, "runs": runs}
 
 
+LINES = ["AEVB (train)", "AEVB (test)", "WS (train)", "WS (test)"]
+
+
 def test_figure_has_one_panel_per_latent_size_with_the_papers_lines(tmp_path: Path) -> None:
     fig = rf.plot_results(fake_results(("aevb", "wake-sleep"), (3, 5, 10)), str(tmp_path / "f.png"))
     assert len(fig.axes) == 3
     for ax, nz in zip(fig.axes, (3, 5, 10), strict=True):
         assert ax.get_title() == f"MNIST, $N_z = {nz}$" and ax.get_xscale() == "log"
         styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
-        assert styles == {
-            "AEVB (train)": "-",
-            "AEVB (test)": "--",
-            "WS (train)": "-",
-            "WS (test)": "--",
-        }
-        colours = {line.get_label(): line.get_color() for line in ax.get_lines()}
-        assert (
-            colours["AEVB (train)"]
-            == colours["AEVB (test)"]
-            != colours["WS (train)"]
-            == colours["WS (test)"]
-        )
-        assert ax.get_ylim() == (-150.0, -95.0)  # every point inside: the paper's range
-        assert ax.get_xlim()[0] <= 1e5 and ax.get_xlim()[1] >= 1e8
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-            "AEVB (train)",
-            "AEVB (test)",
-            "WS (train)",
-            "WS (test)",
-        ]
+        assert styles == dict(zip(LINES, ["-", "--", "-", "--"], strict=True))
+        colour = {line.get_label(): line.get_color() for line in ax.get_lines()}
+        assert colour[LINES[0]] == colour[LINES[1]] != colour[LINES[2]] == colour[LINES[3]]
+        assert ax.get_legend() is None  # one legend for the figure
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == LINES
     assert fig.axes[0].get_xlabel() == "# Training samples evaluated"
-    plt.close(fig)
     assert (tmp_path / "f.png").exists()
 
 
-def test_figure_widens_the_range_only_to_fit_and_draws_aevb_alone(tmp_path: Path) -> None:
-    fig = rf.plot_results(fake_results(("aevb",), (20,), low=-180.0), str(tmp_path / "f.png"))
+def test_figure_keeps_the_papers_frame_and_clips_what_leaves_it(tmp_path: Path) -> None:
+    results = fake_results(("aevb", "wake-sleep"), (20,), low=-250.0)  # far below the frame
+    results["runs"][0]["evals"].append({"samples": 3e8, "train_elbo": -90.0, "test_elbo": -91.0})
+    fig = rf.plot_results(results, str(tmp_path / "f.png"))
     (ax,) = fig.axes
-    assert [line.get_label() for line in ax.get_lines()] == ["AEVB (train)", "AEVB (test)"]
-    lo, hi = ax.get_ylim()
-    assert lo < -181 and hi == -95.0
-    plt.close(fig)
+    assert ax.get_ylim() == (-150.0, -95.0) and ax.get_xlim() == (1e5, 1e8)
+    assert all(line.get_clip_on() for line in ax.get_lines())  # drawn up to the frame's edge
+    assert [line.get_label() for line in ax.get_lines()] == LINES
+
+
+def test_several_seeds_draw_the_median_and_a_band(tmp_path: Path) -> None:
+    results = fake_results(("aevb",), (3,))
+    for shift in (2.0, -4.0):  # two more seeds of the same run
+        seed = copy.deepcopy(results["runs"][0])
+        for e in seed["evals"]:
+            e["train_elbo"] += shift
+            e["test_elbo"] += shift
+        results["runs"].append(seed)
+    fig = rf.plot_results(results, str(tmp_path / "f.png"))
+    (ax,) = fig.axes
+    train = ax.get_lines()[0]
+    assert list(train.get_ydata()) == [-140.0, -139.0, -138.0]  # the median of the three
+    (band, _) = ax.collections  # train and test bands
+    lows = band.get_paths()[0].vertices[:, 1]
+    assert lows.min() == pytest.approx(-144.0) and lows.max() == pytest.approx(-136.0)

@@ -7,10 +7,13 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -420,3 +423,125 @@ def test_a_folder_of_the_previous_version_continues() -> None:
     assert rf.same_settings(before, now)
     assert not rf.same_settings(before | {"seed": 7}, now)
     assert rf.fingerprint_difference(before | {"seed": 7}, now) == "seed 7 -> 1926"
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    """The script started as its own process, its output captured."""
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
+    """Poll until `condition()` holds while `proc` runs."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.01)
+
+
+def by_run(path: Path) -> dict[tuple[str, int], tuple]:
+    """measured() of a results file, keyed by (method, N_z)."""
+    return {(m, d): (status, evals) for m, d, status, evals in measured(path)}
+
+
+def test_two_invocations_sharing_a_folder_lose_nothing(mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = resumable_args(mnist_dir, out, "--latent-dims", "2", "3")
+    second = resumable_args(mnist_dir, out, "--latent-dims", "4")
+    a = start(first)
+    wait_for(lambda: (out / "runs" / "aevb_nz2.json").exists(), a, "its first evaluation")
+    b = start(second)
+    assert b.wait(timeout=120) == 0, b.communicate()[1]
+    assert a.wait(timeout=120) == 0, a.communicate()[1]
+    for args, name in ((first, "alone-a"), (second, "alone-b")):
+        assert rf.main([*args[:2], "--out-dir", str(tmp_path / name), *args[4:]]) == 0
+    alone = by_run(tmp_path / "alone-a" / rf.RESULTS_NAME) | by_run(
+        tmp_path / "alone-b" / rf.RESULTS_NAME
+    )
+    shared = by_run(out / rf.RESULTS_NAME)
+    assert sorted(shared) == [("aevb", 2), ("aevb", 3), ("aevb", 4)]
+    assert shared == alone and all(status == "done" for status, _ in shared.values())
+
+
+def test_the_same_command_twice_trains_each_run_once(mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3")
+    a = start(args)
+    lock = out / "runs" / "aevb_nz2.lock"
+    wait_for(lambda: rf.lock_holder(str(lock)) is not None, a, "the first run was locked")
+    b = start(args)
+    b_out, b_err = b.communicate(timeout=120)
+    a_out, a_err = a.communicate(timeout=120)
+    assert a.returncode == 0 and b.returncode == 0, a_err + b_err
+    # the second finds one run held by the first (which one depends on timing), or the first
+    # finds the run the second took in the meantime; either way it names the holder
+    skips = re.findall(r"\[aevb N_z=(\d)\] skipped: (\S+) pid (\d+) is training it", a_out + b_out)
+    assert skips, a_out + b_out
+    for nz, host, pid in skips:
+        assert host == socket.gethostname() and int(pid) in (a.pid, b.pid)
+        assert (
+            f"left to another process: [aevb N_z={nz}], held by {host} pid {pid}" in a_out + b_out
+        )
+    for nz in (2, 3):  # each run trained by exactly one of the two
+        assert (a_out + b_out).count(f"[aevb N_z={nz}] training on") == 1
+    assert all(status == "done" for status, _ in by_run(out / rf.RESULTS_NAME).values())
+
+
+def test_a_killed_holder_leaves_a_lock_the_next_run_takes(
+    mnist_dir: Path, tmp_path: Path, reference: list[tuple], capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints" / "aevb_nz2.pt"
+    stop_at_first_checkpoint(resumable_args(mnist_dir, out), ckpt, signal.SIGKILL)
+    lock = out / "runs" / "aevb_nz2.lock"
+    assert lock.exists() and rf.lock_holder(str(lock)) is None  # the kill released it
+    assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
+    (run,) = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    assert run["status"] == "interrupted"  # "running" in its file, but nobody holds it
+    assert rf.main(resumable_args(mnist_dir, out)) == 0
+    assert "[aevb N_z=2] resumed from its checkpoint" in capsys.readouterr().out
+    assert measured(out / rf.RESULTS_NAME) == reference
+
+
+def test_plot_only_rebuilds_the_json_and_figure_from_the_run_files(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    before = measured(out / rf.RESULTS_NAME)
+    (out / rf.RESULTS_NAME).unlink()
+    (out / rf.FIGURE_NAME).unlink()
+    assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
+    assert measured(out / rf.RESULTS_NAME) == before and (out / rf.FIGURE_NAME).exists()
+
+
+def test_a_folder_with_only_the_combined_json_is_moved_into_run_files(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    before = measured(out / rf.RESULTS_NAME)
+    shutil.rmtree(out / "runs")  # as the previous version left its folders
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    printed = capsys.readouterr().out
+    assert "[aevb N_z=2] moved from" in printed and "[aevb N_z=2] already done" in printed
+    assert measured(out / rf.RESULTS_NAME) == before
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == [
+        "aevb_nz2.json",
+        "aevb_nz3.json",
+        "wake-sleep_nz2.json",
+        "wake-sleep_nz3.json",
+    ]
+
+
+def test_a_run_file_of_other_settings_is_refused(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out, "--latent-dims", "2")) == 0
+    (out / rf.RESULTS_NAME).unlink()  # only the run files tell
+    assert rf.main(tiny_args(mnist_dir, out, "--latent-dims", "3", "--seed", "7")) == 2
+    err = capsys.readouterr().err
+    assert str(out / "runs" / "aevb_nz2.json") in err and "seed 1926 -> 7" in err
