@@ -41,7 +41,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 import numpy as np
@@ -73,6 +73,9 @@ DATA_DIR: str = "./data"  # folder that holds MNIST/raw/ (torchvision layout)
 VERIFY_DATA: bool = True  # check the files against the standard MNIST SHA-256 digests
 OUT_DIR: str = "."  # folder for the PNG and the JSON results
 SEED: int = 1926  # master seed; each (method, N_z) run derives its own from it
+SEEDS: int = 1  # seeds per (method, N_z); the figure draws their median and range
+IW_SAMPLES: int = 100  # K, importance samples per test image of the final log p(x) estimate
+IW_DECODES_PER_PASS: int = 50_000  # decoder passes per batch of the log p(x) estimate (memory)
 DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
 THREADS: int = 0  # CPU threads per run; 0 means cores / JOBS
 JOBS: int = 2  # runs trained side by side in worker processes (2 x 1 thread: fastest on 2 cores)
@@ -89,6 +92,9 @@ FIGURE_NAME = "vae_mnist_fig2_repro.png"  # figure written to OUT_DIR
 FIGURE_EVERY_S = 60.0  # while training, the figure is redrawn at most this often (and at the end)
 RESULTS_NAME = "vae_mnist_fig2_repro.json"  # results written to OUT_DIR
 RUNS_FOLDER = "runs"  # under OUT_DIR: one JSON and one lock file per (method, N_z) run
+MODELS_FOLDER = "models"  # under OUT_DIR: the final model of every finished run
+SAMPLES_NAME = "vae_mnist_samples.png"  # samples and reconstructions of the final models
+SHOW_DIGITS = 10  # digits per row of the samples picture
 PAPER_YLIM = (-150.0, -95.0)  # the paper's vertical range, widened only to fit measured points
 PAPER_XLIM = (1e5, 1e8)  # the paper's horizontal range, widened only to fit measured points
 METHOD_STYLE = {"aevb": ("AEVB", "tab:red"), "wake-sleep": ("WS", "tab:blue")}  # legend, colour
@@ -161,6 +167,14 @@ class Config:
     hidden_size: int = flag(HIDDEN_SIZE, "hidden units of encoder and decoder", type=positive(int))
     binarize: bool = flag(USE_STOCHASTIC_BINARIZATION, "stochastic binarization of the images")
     seed: int = flag(SEED, "master random seed", type=int)
+    seeds: int = flag(
+        SEEDS, "seeds per (method, N_z): the figure draws median and range", type=positive(int)
+    )
+    iw_samples: int = flag(
+        IW_SAMPLES,
+        "K of the importance-weighted log p(x) estimate of a finished run",
+        type=positive(int),
+    )
     device: str = flag(DEVICE, "where to train", choices=("auto", "cpu", "cuda"))
     threads: int = flag(THREADS, "CPU threads per run (0: cores / jobs)", type=int)
     jobs: int = flag(JOBS, "runs trained side by side in worker processes", type=positive(int))
@@ -335,6 +349,31 @@ def evaluate_elbo(
     return {"elbo": elbo, "log_likelihood": ll, "kl": kl}
 
 
+@torch.inference_mode()
+def estimate_log_px(vae: VAE, images: torch.Tensor, k: int = IW_SAMPLES, seed: int = SEED) -> float:
+    """Average log p(x) over `images` by importance weighting (Burda, Grosse & Salakhutdinov
+    2015): log of the mean over K draws z ~ q(z|x) of p(x|z) p(z) / q(z|x), per image.
+
+    A lower bound that tightens as K grows (K = 1 gives the ELBO in expectation). Log-weights
+    are summed with logsumexp in float64; the noise comes from a generator seeded with `seed`.
+    """
+    device = images.device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    per_pass = max(1, IW_DECODES_PER_PASS // k)  # images per pass: K decodes of each
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for x in images.split(per_pass):
+            x = x.flatten(1)
+            mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
+            z = mu + torch.exp(0.5 * log_var) * torch.randn(k, *mu.shape, device=device)
+            logits = vae.decoder(z.flatten(0, 1)).view(k, len(x), -1)
+            bce = binary_cross_entropy_with_logits(logits, x.expand(k, -1, -1), reduction="none")
+            log_prior = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
+            log_w = log_prior - bce.sum(-1) - gaussian_log_density(z, mu, log_var)  # [K, B]
+            total += (torch.logsumexp(log_w.double(), dim=0) - math.log(k)).sum()
+    return float(total / len(images))
+
+
 def evaluate_point(vae: VAE, data: Data, seed: int) -> dict[str, float]:
     """The ELBO and its parts on the whole training and test sets, as one evaluation record."""
     train, test = (
@@ -482,10 +521,33 @@ def schedule_of(cfg: Config) -> list[int]:
     return eval_schedule(cfg.samples, cfg.batch_size, cfg.eval_start, cfg.evals_per_decade)
 
 
-def setting_seed(seed: int, method: str, latent_dim: int) -> int:
-    """A run's own seed, derived from (seed, method, N_z) so that no run depends on another."""
-    digest = hashlib.sha256(f"{seed}/{method}/{latent_dim}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+class RunKey(NamedTuple):
+    """One run of the figure: a method, a latent size and which of the --seeds seeds."""
+
+    method: str
+    latent_dim: int
+    seed_index: int = 0
+
+    @property
+    def name(self) -> str:
+        """How the log names the run: 'aevb N_z=20', or 'aevb N_z=20 seed 2'."""
+        return f"{self.method} N_z={self.latent_dim}" + f" seed {self.seed_index}" * bool(
+            self.seed_index
+        )
+
+    @property
+    def stem(self) -> str:
+        """The run's file names without extension: 'aevb_nz20', or 'aevb_nz20_seed2'."""
+        return f"{self.method}_nz{self.latent_dim}" + f"_seed{self.seed_index}" * bool(
+            self.seed_index
+        )
+
+
+def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -> int:
+    """A run's own seed, derived from (seed, method, N_z, seed index) so that no run depends on
+    another; the first seed of a setting keeps the derivation of runs made before --seeds."""
+    text = f"{seed}/{method}/{latent_dim}" + f"/{seed_index}" * bool(seed_index)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
 def seed_everything(seed: int) -> None:
@@ -515,6 +577,7 @@ def train_run(
     progress: bool = True,
     store: Checkpoints | None = None,
     threads: int | None = None,
+    seed_index: int = 0,
 ) -> dict:
     """Train one (method, N_z) setting, evaluating it along the schedule; returns its run record.
 
@@ -523,8 +586,9 @@ def train_run(
     at every evaluation and on a stop request, and drops it when the run is done. `threads`:
     CPU threads for this run (None: as set now).
     """
-    keeper = RunKeeper(method, latent_dim, cfg, device, store, progress, threads)
-    run = keeper.begin(keeper.record or new_run_record(method, latent_dim, cfg, data, device))
+    key = RunKey(method, latent_dim, seed_index)
+    keeper = RunKeeper(key, cfg, device, store, progress, threads)
+    run = keeper.begin(keeper.record or new_run_record(key, cfg, data, device))
     seed_everything(run["seed"])
     vae = build_vae(latent_dim, cfg.hidden_size).to(device)
     step, opts = make_step(method, vae, run["lr"], device, run["compiled"])
@@ -537,6 +601,7 @@ def train_run(
             if not all(math.isfinite(v) for v in [*e.values(), float(loss)]):
                 run["status"], run["diverged_at"] = "diverged", samples
                 keeper.warn_diverged(samples)
+                keeper.keep_model(run, samples)  # its last good state, marked as diverged
                 break
             run["evals"].append(e | {"wall_seconds": keeper.elapsed()})
             keeper.show(run["evals"][-1])
@@ -547,42 +612,36 @@ def train_run(
         if STOP_REQUEST:
             keeper.close()
             raise Interrupted(128 + STOP_REQUEST[0])
-    else:
+    else:  # trained to the end: estimate log p(x), keep the model
+        k = cfg.iw_samples
+        run["log_px"] = {"test": estimate_log_px(vae, data.test_eval, k, cfg.seed), "k": k}
         run["status"] = "done"
+        keeper.keep_model(run, samples, vae)
         keeper.remove()
     keeper.close()
     on_eval(run)
     return run
 
 
-def new_run_record(
-    method: str, latent_dim: int, cfg: Config, data: Data, device: torch.device
-) -> dict:
+def new_run_record(key: RunKey, cfg: Config, data: Data, device: torch.device) -> dict:
     """A fresh run's record: its derived seed and its step size (chosen by pilots if "auto")."""
-    seed = setting_seed(cfg.seed, method, latent_dim)
-    run = {
-        "method": method,
-        "latent_dim": latent_dim,
-        "seed": seed,
-        "status": "running",
-        "evals": [],
-    }
+    run = pending_run(key) | {"seed": setting_seed(cfg.seed, *key), "status": "running"}
     if cfg.lr == "auto":
-        run["lr"], run["lr_pilot_scores"] = pick_lr(method, latent_dim, cfg, data, device)
+        run["lr"], run["lr_pilot_scores"] = pick_lr(key, cfg, data, device)
     else:
         run["lr"] = float(cfg.lr)
     return run
 
 
 def pick_lr(
-    method: str, latent_dim: int, cfg: Config, data: Data, device: torch.device
+    key: RunKey, cfg: Config, data: Data, device: torch.device
 ) -> tuple[float, dict[str, float | None]]:
     """The paper's step-size choice: the candidate whose short pilot scores the best train ELBO."""
     scores: dict[str, float | None] = {}  # None: the pilot diverged (scored worst)
     for lr in LR_CANDIDATES:
-        seed_everything(setting_seed(cfg.seed, method, latent_dim))
-        vae = build_vae(latent_dim, cfg.hidden_size).to(device)
-        step, _ = make_step(method, vae, lr, device, compile_step=False)
+        seed_everything(setting_seed(cfg.seed, *key))
+        vae = build_vae(key.latent_dim, cfg.hidden_size).to(device)
+        step, _ = make_step(key.method, vae, lr, device, compile_step=False)
         pilot = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)[-1]
         _, loss = train_until(pilot, 0, step, Batches(data.train, cfg.batch_size), cfg.binarize)
         if STOP_REQUEST:
@@ -590,12 +649,9 @@ def pick_lr(
         finite = bool(torch.isfinite(loss))
         score = evaluate_elbo(vae, data.train_eval, cfg.seed)["elbo"] if finite else math.nan
         scores[repr(lr)] = score if math.isfinite(score) else None
-        log(
-            f"[{method} N_z={latent_dim}] pilot lr {lr}: train ELBO {score:.3f} "
-            f"after {pilot:,} samples"
-        )
+        log(f"[{key.name}] pilot lr {lr}: train ELBO {score:.3f} after {pilot:,} samples")
     best = max(LR_CANDIDATES, key=lambda lr: -math.inf if (s := scores[repr(lr)]) is None else s)
-    log(f"[{method} N_z={latent_dim}] chose lr {best}")
+    log(f"[{key.name}] chose lr {best}")
     return best, scores
 
 
@@ -647,21 +703,82 @@ def seed_band(runs: list[dict], field: str) -> tuple[list[int], list, list, list
 
 
 def results_table(results: dict) -> str:
-    """The final train and test ELBO of every run, as a Markdown table."""
+    """The final train and test ELBO and the test log p(x) of every (method, N_z), as Markdown;
+    with several seeds, the median and (in brackets) the range."""
     lines = [
-        "| method | N_z | samples | train ELBO | test ELBO | status |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| method | N_z | seeds | samples | train ELBO | test ELBO | test log p(x) | gap "
+        "| status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    groups: dict[tuple[str, int], list[dict]] = {}
     for r in results["runs"]:
-        e = r["evals"][-1] if r["evals"] else None
-        cells = (
-            [f"{e['samples']:,}", f"{e['train_elbo']:.2f}", f"{e['test_elbo']:.2f}"]
-            if e
-            else ["-"] * 3
-        )
-        name = METHOD_STYLE.get(r["method"], (r["method"],))[0]
-        lines.append(f"| {name} | {r['latent_dim']} | {' | '.join(cells)} | {r['status']} |")
+        groups.setdefault((r["method"], r["latent_dim"]), []).append(r)
+    for (method, latent_dim), runs in groups.items():
+        last = [r["evals"][-1] for r in runs if r["evals"]]
+        iw = [(r["log_px"]["test"], r["evals"][-1]["test_elbo"]) for r in runs if r.get("log_px")]
+        cells = [
+            spread([e["samples"] for e in last], "{:,.0f}"),
+            spread([e["train_elbo"] for e in last]),
+            spread([e["test_elbo"] for e in last]),
+            spread([log_px for log_px, _ in iw]),
+            spread([log_px - elbo for log_px, elbo in iw]),
+        ]
+        status = ", ".join(dict.fromkeys(r["status"] for r in runs))
+        name = METHOD_STYLE.get(method, (method,))[0]
+        lines.append(f"| {name} | {latent_dim} | {len(runs)} | {' | '.join(cells)} | {status} |")
     return "\n".join(lines)
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """One value, or the median and the range of several; '-' for none."""
+    if not values:
+        return "-"
+    if len(values) == 1 or min(values) == max(values):
+        return fmt.format(values[0])
+    median, low, high = statistics.median(values), min(values), max(values)
+    return f"{fmt.format(median)} ({fmt.format(low)} to {fmt.format(high)})"
+
+
+@torch.inference_mode()
+def plot_samples(models: dict[RunKey, dict], digits: torch.Tensor, path: str, seed: int) -> Figure:
+    """What the final models learned: for each N_z, a row of decoder means for z ~ N(0, I)
+    (the same z for every model of that N_z) and a row of reconstructions (decoder means at
+    the posterior mean) of fixed test digits, shown once on top; methods side by side."""
+    dims = sorted({key.latent_dim for key in models})
+    methods = [m for m in METHODS if any(key.method == m for key in models)]
+    fig = Figure(figsize=(4.4 * max(1, len(methods)), 0.62 * (1 + 2 * len(dims)) + 0.2))
+    grid = fig.add_gridspec(1 + 2 * len(dims), max(1, len(methods)))
+    digits = digits[:SHOW_DIGITS].cpu()
+    show_strip(fig.add_subplot(grid[0, :]), digits, "test digits")
+    for row, nz in enumerate(dims):
+        z = torch.randn(SHOW_DIGITS, nz, generator=torch.Generator().manual_seed(seed + nz))
+        for col, method in enumerate(methods):
+            top, bottom = (
+                fig.add_subplot(grid[1 + 2 * row, col]),
+                fig.add_subplot(grid[2 + 2 * row, col]),
+            )
+            if (saved := models.get(RunKey(method, nz))) is None:
+                top.axis("off")
+                bottom.axis("off")
+                continue
+            vae = build_vae(nz, saved["hidden_size"])
+            vae.load_state_dict(saved["model"])
+            mu, _ = vae.sampling_layer.get_params(vae.encoder(digits))
+            name = f"{METHOD_STYLE.get(method, (method,))[0]}, $N_z = {nz}$"
+            name += f" (diverged; its state at {saved['samples']:,} samples)" * saved["diverged"]
+            show_strip(top, torch.sigmoid(vae.decoder(z)), f"{name}: samples")
+            show_strip(bottom, torch.sigmoid(vae.decoder(mu)), f"{name}: reconstructions")
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def show_strip(ax: Any, images: torch.Tensor, title: str) -> None:
+    """A row of 28 x 28 images side by side, titled."""
+    ax.imshow(
+        torch.cat(list(images.reshape(-1, 28, 28)), dim=1).numpy(), cmap="gray", vmin=0, vmax=1
+    )
+    ax.set_title(title, fontsize=7, loc="left", pad=2)
+    ax.axis("off")
 
 
 # ################################################################################################
@@ -866,19 +983,19 @@ class Checkpoints:
     folder: str
     fingerprint: dict
 
-    def path(self, method: str, latent_dim: int) -> str:
+    def path(self, key: RunKey) -> str:
         """Where the checkpoint of one run lives."""
-        return os.path.join(self.folder, f"{method}_nz{latent_dim}.pt")
+        return os.path.join(self.folder, f"{key.stem}.pt")
 
-    def save(self, method: str, latent_dim: int, state: dict) -> None:
+    def save(self, key: RunKey, state: dict) -> None:
         """Write a checkpoint atomically."""
         os.makedirs(self.folder, exist_ok=True)
         payload = {"fingerprint": self.fingerprint} | state
-        write_atomic(self.path(method, latent_dim), lambda f: torch.save(payload, f))
+        write_atomic(self.path(key), lambda f: torch.save(payload, f))
 
-    def load(self, method: str, latent_dim: int) -> dict | None:
+    def load(self, key: RunKey) -> dict | None:
         """The run's checkpoint, or None; CheckpointError if unreadable or from other settings."""
-        path = self.path(method, latent_dim)
+        path = self.path(key)
         if not os.path.exists(path):
             return None
         try:
@@ -897,10 +1014,24 @@ class Checkpoints:
             )
         return state
 
-    def remove(self, method: str, latent_dim: int) -> None:
-        """Drop a finished run's checkpoint: its evaluations are all in the JSON."""
+    @property
+    def models(self) -> str:
+        """Where the final models go: OUT_DIR/models/."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.folder)), MODELS_FOLDER)
+
+    def save_model(self, key: RunKey, payload: dict) -> None:
+        """Write a run's final model atomically, with what rebuilding it needs."""
+        os.makedirs(self.models, exist_ok=True)
+        payload = payload | {"fingerprint": self.fingerprint}
+        write_atomic(os.path.join(self.models, f"{key.stem}.pt"), lambda f: torch.save(payload, f))
+
+    def remove(self, key: RunKey) -> None:
+        """Drop a finished run's checkpoint (its evaluations are all in its run file), and the
+        checkpoint folder once it is empty."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(method, latent_dim))
+            os.unlink(self.path(key))
+        with contextlib.suppress(OSError):  # not empty: other runs still have checkpoints
+            os.rmdir(self.folder)
 
 
 class RunKeeper:
@@ -908,19 +1039,24 @@ class RunKeeper:
 
     def __init__(
         self,
-        method: str,
-        latent_dim: int,
+        key: RunKey,
         cfg: Config,
         device: torch.device,
         store: Checkpoints | None,
         progress: bool,
         threads: int | None = None,
     ) -> None:
-        self.method, self.latent_dim, self.device, self.store = method, latent_dim, device, store
-        self.cfg, self.progress, self.name = cfg, progress, f"{method} N_z={latent_dim}"
+        self.key, self.device, self.store, self.cfg, self.progress = (
+            key,
+            device,
+            store,
+            cfg,
+            progress,
+        )
+        self.name = key.name
         self.threads = threads or torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        self.checkpoint = store.load(method, latent_dim) if store else None
+        self.checkpoint = store.load(key) if store else None
         self.record = self.checkpoint["run"] | {"status": "running"} if self.checkpoint else None
         if self.checkpoint and "compiled" not in self.record:  # made before runs recorded it
             self.record["compiled"] = bool(self.checkpoint["fingerprint"].get("compiled"))
@@ -972,7 +1108,7 @@ class RunKeeper:
         self.bar.update(e["samples"] - self.bar.n)
         self.bar.set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
         if self.progress:
-            log(fmt_eval(self.method, self.latent_dim, e))
+            log(fmt_eval(self.name, e))
 
     def save(self, run: dict, samples: int) -> None:
         """Write the run's checkpoint (model, optimisers, data order, random state)."""
@@ -980,8 +1116,7 @@ class RunKeeper:
             return
         vae, opts, batches = self.parts
         self.store.save(
-            self.method,
-            self.latent_dim,
+            self.key,
             {
                 "run": copy.deepcopy(run),
                 "samples": samples,
@@ -993,10 +1128,36 @@ class RunKeeper:
             },
         )
 
+    def keep_model(self, run: dict, samples: int, vae: VAE | None = None) -> None:
+        """Write the run's final model to OUT_DIR/models/; without `vae` (a diverged run), the
+        last good state from its checkpoint, marked as diverged."""
+        if self.store is None:
+            return
+        diverged = vae is None
+        if diverged:
+            if (ckpt := self.store.load(self.key)) is None:
+                return  # it diverged before its first evaluation: no good state to keep
+            state, samples = ckpt["model"], ckpt["samples"]
+        else:
+            state = {name: t.detach().cpu() for name, t in vae.state_dict().items()}
+        self.store.save_model(
+            self.key,
+            {
+                "model": state,
+                "method": self.key.method,
+                "latent_dim": self.key.latent_dim,
+                "seed_index": self.key.seed_index,
+                "hidden_size": self.cfg.hidden_size,
+                "seed": run["seed"],
+                "samples": samples,
+                "diverged": diverged,
+            },
+        )
+
     def remove(self) -> None:
         """Drop the checkpoint of a finished run."""
         if self.store:
-            self.store.remove(self.method, self.latent_dim)
+            self.store.remove(self.key)
 
     def warn_diverged(self, samples: int) -> None:
         """Say that the run diverged and stops; its last good checkpoint stays."""
@@ -1012,10 +1173,10 @@ class RunKeeper:
         self.bar.close()
 
 
-def fmt_eval(method: str, latent_dim: int, e: dict) -> str:
-    """One plain log line for an evaluation point."""
+def fmt_eval(name: str, e: dict) -> str:
+    """One plain log line for an evaluation point of the run called `name`."""
     return (
-        f"[{method} N_z={latent_dim}] samples {e['samples']:>11,}  "
+        f"[{name}] samples {e['samples']:>11,}  "
         f"train ELBO {e['train_elbo']:9.3f}  "
         f"test ELBO {e['test_elbo']:9.3f}  (test log p(x|z) {e['test_log_likelihood']:9.3f}, "
         f"KL {e['test_kl']:7.3f})  {e['wall_seconds']:8.1f} s"
@@ -1114,15 +1275,21 @@ def results_header(cfg: Config, device: torch.device) -> dict:
     return {"config": config, "environment": environment(device, cfg.threads)}
 
 
-def pending_run(key: tuple[str, int]) -> dict:
+def pending_run(key: RunKey) -> dict:
     """The record of a run that no process has started."""
-    return {"method": key[0], "latent_dim": key[1], "status": "pending", "evals": []}
+    return {
+        "method": key.method,
+        "latent_dim": key.latent_dim,
+        "seed_index": key.seed_index,
+        "status": "pending",
+        "evals": [],
+    }
 
 
-def figure_order(run: dict) -> tuple[int, int]:
-    """Sort key of a run record: methods in METHODS order, then N_z."""
+def figure_order(run: dict) -> tuple[int, int, int]:
+    """Sort key of a run record: methods in METHODS order, then N_z, then seed index."""
     order = METHODS.index(run["method"]) if run["method"] in METHODS else len(METHODS)
-    return order, run["latent_dim"]
+    return order, run["latent_dim"], run.get("seed_index", 0)
 
 
 class RunLock:
@@ -1185,16 +1352,16 @@ class ResultsFolder:
     out_dir: str
     fingerprint: dict
     header: dict
-    settings: tuple[tuple[str, int], ...]  # this invocation's runs, in figure order
+    settings: tuple[RunKey, ...]  # this invocation's runs, in figure order
 
     @property
     def folder(self) -> str:
         """Where the run files and their locks live."""
         return os.path.join(self.out_dir, RUNS_FOLDER)
 
-    def path(self, key: tuple[str, int], ext: str = ".json") -> str:
+    def path(self, key: RunKey, ext: str = ".json") -> str:
         """The run file (or with ext=".lock", the lock file) of one run."""
-        return os.path.join(self.folder, f"{key[0]}_nz{key[1]}{ext}")
+        return os.path.join(self.folder, f"{key.stem}{ext}")
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -1208,13 +1375,13 @@ class ResultsFolder:
         finally:
             os.close(fd)
 
-    def lock(self, key: tuple[str, int]) -> tuple[RunLock, str | None]:
+    def lock(self, key: RunKey) -> tuple[RunLock, str | None]:
         """Try to take one run's lock: the lock, and None or who holds it instead."""
         lock = RunLock(self.path(key, ".lock"))
         with self.exclusive():
             return lock, lock.acquire()
 
-    def read(self) -> dict[tuple[str, int], dict]:
+    def read(self) -> dict[RunKey, dict]:
         """Every run file in the folder by (method, N_z); CheckpointError for one that is
         unreadable or was made with other settings."""
         names = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
@@ -1296,13 +1463,35 @@ class ResultsFolder:
             if run["status"] == "running":
                 run = run | {"status": "interrupted"}
             write_json_atomic({"fingerprint": self.fingerprint, "run": run}, self.path(_key(run)))
-            name = f"{run['method']} N_z={run['latent_dim']}"
-            log(f"[{name}] moved from {json_path} into {RUNS_FOLDER}/")
+            log(f"[{_key(run).name}] moved from {json_path} into {RUNS_FOLDER}/")
 
 
-def _key(run: dict) -> tuple[str, int]:
-    """A run record's (method, N_z)."""
-    return run["method"], run["latent_dim"]
+def _key(run: dict) -> RunKey:
+    """A run record's key (records made before --seeds are the first seed)."""
+    return RunKey(run["method"], run["latent_dim"], run.get("seed_index", 0))
+
+
+def load_models(out_dir: str) -> dict[RunKey, dict]:
+    """The final models in OUT_DIR/models/ (first seed of each setting), by run."""
+    folder = os.path.join(out_dir, MODELS_FOLDER)
+    models = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".pt"):
+            saved = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            key = RunKey(saved["method"], saved["latent_dim"], saved["seed_index"])
+            if key.seed_index == 0:
+                models[key] = saved
+    return models
+
+
+def draw_samples(out_dir: str, digits: torch.Tensor, seed: int) -> str | None:
+    """Draw the samples picture from the saved models; its path, or None without models."""
+    models = load_models(out_dir)
+    if not models:
+        return None
+    path = os.path.join(out_dir, SAMPLES_NAME)
+    plot_samples(models, digits, path, seed)
+    return path
 
 
 def redraw(out_dir: str) -> bool:
@@ -1343,9 +1532,9 @@ def keep_aside(path: str) -> None:
 FINISHED = ("done", "diverged")  # statuses of runs that a rerun skips
 
 
-def settings_of(cfg: Config) -> list[tuple[str, int]]:
-    """The (method, N_z) runs of a configuration, in figure order."""
-    return [(m, d) for m in cfg.methods for d in cfg.latent_dims]
+def settings_of(cfg: Config) -> list[RunKey]:
+    """The runs of a configuration, in figure order."""
+    return [RunKey(m, d, i) for m in cfg.methods for d in cfg.latent_dims for i in range(cfg.seeds)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1370,14 +1559,14 @@ def threads_for(cfg: Config, in_flight: int) -> int:
 
 def run_all(
     cfg: Config, data: Data, device: torch.device, folder: ResultsFolder, store: Checkpoints
-) -> dict[tuple[str, int], str]:
+) -> dict[RunKey, str]:
     """Train every unfinished setting that no other process holds, here or in worker
     processes; returns the runs left to other processes, with who holds them."""
     on_disk, todo = folder.read(), []
     for key in folder.settings:
         status = on_disk.get(key, pending_run(key))["status"]
         if status in FINISHED:
-            log(f"[{key[0]} N_z={key[1]}] already {status}: skipped")
+            log(f"[{key.name}] already {status}: skipped")
         else:
             todo.append(key)
     if cfg.jobs == 1 or len(todo) <= 1:
@@ -1396,7 +1585,7 @@ def run_all(
 
 
 def train_locked(
-    key: tuple[str, int],
+    key: RunKey,
     cfg: Config,
     data: Data,
     device: torch.device,
@@ -1408,7 +1597,7 @@ def train_locked(
 ) -> str | None:
     """Train one run while holding its lock, saving its file after every evaluation; returns
     None, or who holds the run instead (it is then left to them)."""
-    name = f"{key[0]} N_z={key[1]}"
+    name = key.name
     lock, holder = folder.lock(key)
     if holder:
         log(f"[{name}] skipped: {holder} is training it")
@@ -1425,7 +1614,18 @@ def train_locked(
                 on_eval(run)
 
         try:
-            train_run(*key, cfg, data, device, save, progress, store, threads)
+            train_run(
+                key.method,
+                key.latent_dim,
+                cfg,
+                data,
+                device,
+                save,
+                progress,
+                store,
+                threads,
+                key.seed_index,
+            )
         except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
             run = folder.read().get(key) or pending_run(key)
             fail(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
@@ -1437,7 +1637,7 @@ def train_locked(
 
 def _worker(
     cfg: Config,
-    key: tuple[str, int],
+    key: RunKey,
     folder: ResultsFolder,
     store: Checkpoints,
     messages: multiprocessing.Queue,
@@ -1481,11 +1681,11 @@ class Workers:
         self.cfg, self.folder, self.store, self.total = cfg, folder, store, total
         self.ctx = multiprocessing.get_context("spawn")
         self.messages = self.ctx.Queue()
-        self.bars: dict[tuple[str, int], tqdm] = {}
-        self.left: dict[tuple[str, int], str] = {}
-        self.seen: dict[tuple[str, int], int] = {}
+        self.bars: dict[RunKey, tqdm] = {}
+        self.left: dict[RunKey, str] = {}
+        self.seen: dict[RunKey, int] = {}
 
-    def run(self, todo: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    def run(self, todo: list[RunKey]) -> dict[RunKey, str]:
         """Train the settings in `todo` until each has ended; the runs left to others."""
         waiting, running, forwarded = list(todo), {}, False
         while waiting or running:
@@ -1498,7 +1698,7 @@ class Workers:
                 threads = threads_for(self.cfg, min(self.cfg.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
                 args = (self.cfg, key, self.folder, self.store, self.messages, threads)
-                name = f"{key[0]}-nz{key[1]}"
+                name = key.stem
                 running[key] = self.ctx.Process(target=_worker, args=args, name=name)
                 running[key].start()
             self.receive(timeout=0.2)
@@ -1520,7 +1720,7 @@ class Workers:
             bar.close()
         return self.left
 
-    def fail_if_unfinished(self, key: tuple[str, int], why: str, trace: str = "") -> None:
+    def fail_if_unfinished(self, key: RunKey, why: str, trace: str = "") -> None:
         """Mark the run of a worker that ended before its run did as failed, saying why."""
         lock, holder = self.folder.lock(key)
         try:
@@ -1550,14 +1750,14 @@ class Workers:
                     total=self.total,
                     unit="samples",
                     unit_scale=True,
-                    desc=f"{key[0]} N_z={key[1]}",
+                    desc=key.name,
                     position=len(self.bars),
                     disable=None,
                     leave=False,
                 )
             if evals and len(evals) > self.seen.get(key, 0):
                 self.seen[key] = len(evals)
-                log(fmt_eval(*key, evals[-1]))
+                log(fmt_eval(key.name, evals[-1]))
                 self.bars[key].update(evals[-1]["samples"] - self.bars[key].n)
                 self.bars[key].set_postfix(test_elbo=f"{evals[-1]['test_elbo']:.2f}")
         return True
@@ -1568,7 +1768,7 @@ def fail(run: dict, error: str, trace: str = "") -> None:
     run["status"], run["error"] = "failed", error
     if trace:
         print(trace, file=sys.stderr, end="")
-    name = f"{run['method']} N_z={run['latent_dim']}"
+    name = _key(run).name
     print(f"error: [{name}] failed: {error}; the other runs go on", file=sys.stderr, flush=True)
 
 
@@ -1584,7 +1784,7 @@ def quiet_third_party() -> None:
 
 # -------------------------------------------------------------------------------- time estimate
 def estimate_seconds(
-    cfg: Config, data: Data, device: torch.device, todo: list[tuple[str, int]], runs: dict
+    cfg: Config, data: Data, device: torch.device, todo: list[RunKey], runs: dict
 ) -> float:
     """Wall time of training `todo` as run_all will, from a short timed warm-up of each setting.
 
@@ -1595,8 +1795,9 @@ def estimate_seconds(
     eval_s: dict[int, float] = {}
     lr = LR_CANDIDATES[0] if cfg.lr == "auto" else float(cfg.lr)
 
-    def duration(method: str, latent_dim: int, threads: int) -> float:
-        key = (method, latent_dim, threads)
+    def duration(run_key: RunKey, threads: int) -> float:
+        method, latent_dim = run_key.method, run_key.latent_dim
+        key = (method, latent_dim, threads)  # seeds of one setting cost the same
         torch.set_num_threads(threads)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             vae = build_vae(latent_dim, cfg.hidden_size).to(device)
@@ -1613,7 +1814,7 @@ def estimate_seconds(
                 start = time.perf_counter()
                 evaluate_point(vae, data, cfg.seed)
                 eval_s[threads] = time.perf_counter() - start
-        evals = runs.get((method, latent_dim), pending_run((method, latent_dim)))["evals"]
+        evals = runs.get(run_key, pending_run(run_key))["evals"]
         done = evals[-1]["samples"] if evals else 0
         points = [p for p in schedule_of(cfg) if p > done]
         seconds = (points[-1] - done) / cfg.batch_size * step_s[key] + len(points) * eval_s[threads]
@@ -1626,12 +1827,12 @@ def estimate_seconds(
 
     jobs = 1 if cfg.jobs == 1 or len(todo) <= 1 else cfg.jobs
     now, ends = 0.0, []  # the end times of the runs in flight
-    for i, (method, latent_dim) in enumerate(todo):
+    for i, run_key in enumerate(todo):
         if len(ends) == jobs:
             now = min(ends)
         ends = [e for e in ends if e > now]
         threads = threads_for(cfg, min(jobs, len(ends) + len(todo) - i))
-        ends.append(now + duration(method, latent_dim, threads))
+        ends.append(now + duration(run_key, threads))
     return max(ends, default=0.0)
 
 
@@ -1890,6 +2091,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         print(f"figure: {png_path}" + f"\nresults: {json_path}" * bool(results))
+        if load_models(cfg.out_dir):  # the samples picture needs the test digits
+            try:
+                digits = load_split(cfg.data_dir, "test", cfg.verify_data)
+                print(f"samples: {draw_samples(cfg.out_dir, digits, cfg.seed)}")
+            except (OSError, DataError) as exc:
+                print(f"notice: {SAMPLES_NAME} not redrawn: no MNIST test set ({exc})")
         return 0
     device = resolve_device(cfg.device)
     quiet_third_party()
@@ -1921,7 +2128,7 @@ def main(argv: list[str] | None = None) -> int:
         folder.migrate(json_path)
         on_disk = folder.read()  # refuses a run file that is unreadable or from other settings
         for key in folder.settings:
-            store.load(*key)  # refuses an unreadable or foreign checkpoint before any work
+            store.load(key)  # refuses an unreadable or foreign checkpoint before any work
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1950,12 +2157,13 @@ def main(argv: list[str] | None = None) -> int:
     ours = [r for r in results["runs"] if _key(r) in folder.settings and _key(r) not in left]
     if not code and any(r["status"] != "done" for r in ours):
         code = 3
+    pictures = draw_samples(cfg.out_dir, data.test_eval, cfg.seed)
     print(results_table(results))
     took = time.perf_counter() - started
     print(f"wall time: {fmt_duration(took)} (estimated {fmt_duration(estimate)})")
-    print(f"figure: {png_path}\nresults: {json_path}")
-    for (method, latent_dim), holder in left.items():
-        print(f"left to another process: [{method} N_z={latent_dim}], held by {holder}")
+    print(f"figure: {png_path}\nresults: {json_path}" + f"\nsamples: {pictures}" * bool(pictures))
+    for key, holder in left.items():
+        print(f"left to another process: [{key.name}], held by {holder}")
     if code >= 128:
         print(
             f"stopped by signal {code - 128}: checkpoints are in {store.folder}; "

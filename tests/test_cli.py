@@ -101,7 +101,7 @@ def test_main_writes_json_png_table_and_plot_only_redraws(
     out = tmp_path / "out"
     assert rf.main(tiny_args(mnist_dir, out)) == 0
     printed = capsys.readouterr().out
-    assert "| AEVB | 2 |" in printed and "| WS | 3 |" in printed  # the final table
+    assert "| AEVB | 2 | 1 | 1,200 |" in printed and "| WS | 3 | 1 |" in printed  # final table
     results = json.loads((out / rf.RESULTS_NAME).read_text())
     assert results["config"]["samples"] == 1200 and results["config"]["latent_dims"] == [2, 3]
     assert (
@@ -142,13 +142,11 @@ def test_main_writes_json_png_table_and_plot_only_redraws(
     assert rf.main(tiny_args(mnist_dir, out, "--methods", "aevb")) == 0
     assert "[aevb N_z=3] already done: skipped" in capsys.readouterr().out
     assert measured(out / rf.RESULTS_NAME) == before  # the wake-sleep runs stay in the file
-    assert not list((out / "checkpoints").iterdir())  # finished runs keep no checkpoint
-    # --fresh starts over and keeps the earlier results and checkpoints aside
+    assert not (out / "checkpoints").exists()  # finished runs keep no checkpoint, nor folder
+    # --fresh starts over and keeps the earlier results and run files aside
     assert rf.main(tiny_args(mnist_dir, out, "--methods", "aevb", "--fresh")) == 0
-    assert (
-        len(list(out.glob("vae_mnist_fig2_repro.*.json"))) == 1
-        and len(list(out.glob("checkpoints.*"))) == 1
-    )
+    assert len(list(out.glob("vae_mnist_fig2_repro.*.json"))) == 1
+    assert len(list(out.glob("runs.*"))) == 1
     assert [r["method"] for r in json.loads((out / rf.RESULTS_NAME).read_text())["runs"]] == [
         "aevb",
         "aevb",
@@ -171,3 +169,60 @@ def test_same_seed_gives_the_same_numbers_and_another_seed_others(
     assert a == b and len(a[0][3]) == 3
     assert rf.main(tiny_args(mnist_dir, tmp_path / "c", "--latent-dims", "2", "--seed", "7")) == 0
     assert measured(tmp_path / "c" / rf.RESULTS_NAME) != a
+
+
+def test_a_finished_run_leaves_its_model_log_px_and_pictures(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    assert f"samples: {out / rf.SAMPLES_NAME}" in capsys.readouterr().out
+    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    for run in runs:
+        assert run["log_px"]["k"] == rf.IW_SAMPLES
+        assert run["evals"][-1]["test_elbo"] - 1 < run["log_px"]["test"] < 0
+        saved = torch.load(out / "models" / f"{run['method']}_nz{run['latent_dim']}.pt")
+        vae = rf.build_vae(saved["latent_dim"], saved["hidden_size"])
+        vae.load_state_dict(saved["model"])  # the README's one line
+        assert (saved["method"], saved["samples"], saved["diverged"]) == (
+            run["method"],
+            1200,
+            False,
+        )
+        assert saved["fingerprint"]["seed"] == rf.SEED and saved["seed"] == run["seed"]
+    (out / rf.SAMPLES_NAME).unlink()
+    assert (
+        rf.main(
+            ["--plot-only", "--out-dir", str(out), "--data-dir", str(mnist_dir), "--no-verify-data"]
+        )
+        == 0
+    )
+    assert (out / rf.SAMPLES_NAME).exists()  # redrawn from the saved models
+
+
+def test_seeds_give_one_record_each_and_a_band(mnist_dir: Path, tmp_path: Path) -> None:
+    args = ["--latent-dims", "2", "--methods", "aevb"]
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "one", *args)) == 0
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "three", *args, "--seeds", "3")) == 0
+    runs = json.loads((tmp_path / "three" / rf.RESULTS_NAME).read_text())["runs"]
+    assert [r["seed_index"] for r in runs] == [0, 1, 2] and len({r["seed"] for r in runs}) == 3
+    finals = [r["evals"][-1]["test_elbo"] for r in runs]
+    assert len(set(finals)) == 3  # three different runs
+    # the first seed is the run a single-seed invocation makes
+    assert (
+        measured(tmp_path / "one" / rf.RESULTS_NAME)[0][3]
+        == measured(tmp_path / "three" / rf.RESULTS_NAME)[0][3]
+    )
+    table = rf.results_table({"runs": runs})
+    median = sorted(finals)[1]
+    assert (
+        "| AEVB | 2 | 3 | 1,200 |" in table
+        and f"{median:.2f} ({min(finals):.2f} to {max(finals):.2f})" in table
+    )
+    fig = rf.plot_results({"runs": runs}, str(tmp_path / "f.png"))
+    assert len(fig.axes[0].collections) == 2  # a train and a test band
+    assert sorted(p.name for p in (tmp_path / "three" / "runs").glob("*.json")) == [
+        "aevb_nz2.json",
+        "aevb_nz2_seed1.json",
+        "aevb_nz2_seed2.json",
+    ]

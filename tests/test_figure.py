@@ -66,3 +66,29 @@ def test_several_seeds_draw_the_median_and_a_band(tmp_path: Path) -> None:
     (band, _) = ax.collections  # train and test bands
     lows = band.get_paths()[0].vertices[:, 1]
     assert lows.min() == pytest.approx(-144.0) and lows.max() == pytest.approx(-136.0)
+
+
+def test_samples_picture_sets_methods_side_by_side_per_latent_size(
+    synthetic_data: rf.Data, tmp_path: Path
+) -> None:
+    models = {}
+    for method in rf.METHODS:
+        for nz in (2, 3):
+            vae = rf.build_vae(nz, 16, init_std=0.3)
+            models[rf.RunKey(method, nz)] = {
+                "model": vae.state_dict(),
+                "hidden_size": 16,
+                "samples": 1,
+                "diverged": method == "wake-sleep" and nz == 3,
+            }
+    fig = rf.plot_samples(models, synthetic_data.test_eval, str(tmp_path / "s.png"), seed=1)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles[0] == "test digits" and len(titles) == 1 + 2 * 2 * 2
+    assert titles[1:5] == [
+        "AEVB, $N_z = 2$: samples",
+        "AEVB, $N_z = 2$: reconstructions",
+        "WS, $N_z = 2$: samples",
+        "WS, $N_z = 2$: reconstructions",
+    ]
+    assert "diverged" in titles[-1]  # a diverged model is shown, marked as such
+    assert (tmp_path / "s.png").exists()

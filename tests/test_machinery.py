@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -172,7 +173,7 @@ i = 0
 while True:
     i += 1
     rf.write_json_atomic({{"i": i, "data": list(range(20000))}}, {json!r})
-    store.save("aevb", 3, state | {{"i": i}})
+    store.save(rf.RunKey("aevb", 3), state | {{"i": i}})
     print(i, flush=True)
 """
 
@@ -189,7 +190,7 @@ def test_a_kill_during_saves_never_leaves_a_broken_file(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert json.loads((tmp_path / "r.json").read_text())["i"] >= 1
-        assert rf.Checkpoints(str(tmp_path / "ck"), {"x": 1}).load("aevb", 3)["i"] >= 1
+        assert rf.Checkpoints(str(tmp_path / "ck"), {"x": 1}).load(rf.RunKey("aevb", 3))["i"] >= 1
 
 
 def test_results_are_written_with_the_usual_file_permissions(tmp_path: Path) -> None:
@@ -220,10 +221,10 @@ def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
             )
         finally:
             rf.STOP_REQUEST.clear()
-    ckpt = store.load("aevb", 3)
+    ckpt = store.load(rf.RunKey("aevb", 3))
     assert ckpt is not None and ckpt["wall_seconds"] >= ckpt["run"]["evals"][-1]["wall_seconds"]
     ckpt["wall_seconds"] = 1000.0  # as if it had trained for a long time after its last evaluation
-    store.save("aevb", 3, {k: v for k, v in ckpt.items() if k != "fingerprint"})
+    store.save(rf.RunKey("aevb", 3), {k: v for k, v in ckpt.items() if k != "fingerprint"})
     run = rf.train_run(
         "aevb",
         3,
@@ -403,8 +404,8 @@ def test_the_time_estimate_is_printed_before_training_and_the_wall_time_after(
             rf.parse_config(tiny_args(mnist_dir, tmp_path / "o2")),
             rf.load_data(str(mnist_dir), torch.device("cpu"), False, 0, verify=False),
             torch.device("cpu"),
-            [("aevb", 2)],
-            {("aevb", 2): {"evals": []}},
+            [rf.RunKey("aevb", 2)],
+            {rf.RunKey("aevb", 2): {"evals": []}},
         )
         > 0
     )
@@ -545,3 +546,26 @@ def test_a_run_file_of_other_settings_is_refused(
     assert rf.main(tiny_args(mnist_dir, out, "--latent-dims", "3", "--seed", "7")) == 2
     err = capsys.readouterr().err
     assert str(out / "runs" / "aevb_nz2.json") in err and "seed 1926 -> 7" in err
+
+
+def test_a_diverged_run_keeps_its_last_good_model_marked_as_such(
+    synthetic_data: rf.Data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original, steps = rf.aevb_step, []
+
+    def poisoned_later(vae: rf.VAE, opts: list, x: torch.Tensor) -> torch.Tensor:
+        steps.append(1)
+        loss = original(vae, opts, x)
+        if len(steps) > 25:  # after the first evaluation (1,000 samples = 20 steps)
+            with torch.no_grad():
+                vae.decoder[2].bias.fill_(math.nan)
+        return loss
+
+    monkeypatch.setitem(rf.STEPS, "aevb", poisoned_later)
+    store = rf.Checkpoints(str(tmp_path / "checkpoints"), {"test": True})
+    cpu = torch.device("cpu")
+    run = rf.train_run("aevb", 3, tiny_config(), synthetic_data, cpu, lambda r: None, False, store)
+    assert run["status"] == "diverged" and run["diverged_at"] == 3000
+    saved = torch.load(tmp_path / "models" / "aevb_nz3.pt")
+    assert saved["diverged"] is True and saved["samples"] == 1000
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())

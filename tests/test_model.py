@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 import torch
 
@@ -50,3 +53,28 @@ def test_evaluator_equals_the_hand_computation_and_keeps_the_rng(synthetic_data:
     assert got["kl"] == pytest.approx(float(kl), rel=1e-4, abs=1e-5)
     assert got["elbo"] == pytest.approx(float(ll - kl), rel=1e-5)
     assert all(isinstance(v, float) for v in got.values())
+
+
+def rough_model() -> rf.VAE:
+    """A small untrained model whose q(z|x) is far from its posterior: wide IW gaps."""
+    torch.manual_seed(3)
+    return rf.build_vae(latent_dim=2, hidden_size=16, init_std=0.3)
+
+
+def test_log_px_with_one_sample_is_the_elbo_in_expectation(synthetic_data: rf.Data) -> None:
+    vae, x = rough_model(), synthetic_data.train
+    iw = [rf.estimate_log_px(vae, x, k=1, seed=s) for s in range(20)]
+    elbo = [rf.evaluate_elbo(vae, x, seed=s)["elbo"] for s in range(20)]
+    noise = 3 * (statistics.stdev(iw) + statistics.stdev(elbo)) / math.sqrt(20)
+    assert abs(statistics.mean(iw) - statistics.mean(elbo)) < noise + 1e-3
+
+
+def test_log_px_is_above_the_elbo_and_grows_with_k(synthetic_data: rf.Data) -> None:
+    vae, x = rough_model(), synthetic_data.test_eval
+    elbo = statistics.mean(rf.evaluate_elbo(vae, x, seed=s)["elbo"] for s in range(5))
+    by_k = {
+        k: statistics.mean(rf.estimate_log_px(vae, x, k, seed=s) for s in range(5))
+        for k in (1, 10, 100)
+    }
+    assert by_k[10] > elbo and by_k[100] > elbo
+    assert by_k[1] <= by_k[10] <= by_k[100]
