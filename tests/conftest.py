@@ -123,3 +123,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("socket.create_connection", offline)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker of the tests that need a CUDA GPU."""
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, without")

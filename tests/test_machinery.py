@@ -345,6 +345,8 @@ def test_benchmark_smoke_prints_every_field(
         "1",
         "--compile",
         "off",
+        "--benchmark-json",
+        str(tmp_path / "bench.json"),
     ]
     assert rf.main(argv) == 0
     out = capsys.readouterr().out
@@ -359,8 +361,14 @@ def test_benchmark_smoke_prints_every_field(
         "matmul 2048 GFLOP/s",
         "efficiency (training / matmul)",
         "peak resident memory MiB",
+        "training steps/s, one run",
+        "training steps/s, all ten runs in flight",
     ):
         assert field in out
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["gpu"] is None and saved["torch"] == str(torch.__version__)  # no GPU here
+    for key in ("steps_per_s_one_run", "steps_per_s_all_runs", "eval_seconds"):
+        assert saved[key] > 0
     assert not list(out_dir.iterdir())  # a benchmark trains no run and writes no results
 
 

@@ -191,7 +191,9 @@ def test_real_mnist_nz3_reaches_minus_175_in_200k_samples() -> None:
             verify=True,
             download=False,
         )
-        cfg = rf.Config(latent_dims=(3,), methods=("aevb",), samples=200_000, compile="off")
+        cfg = rf.Config(
+            latent_dims=(3,), methods=("aevb",), samples=200_000, compile="off", iw_samples=1
+        )
         run = rf.train_run(
             "aevb", 3, cfg, data, torch.device("cpu"), lambda r: None, progress=False
         )
