@@ -95,8 +95,8 @@ RUNS_FOLDER = "runs"  # under OUT_DIR: one JSON and one lock file per (method, N
 MODELS_FOLDER = "models"  # under OUT_DIR: the final model of every finished run
 SAMPLES_NAME = "vae_mnist_samples.png"  # samples and reconstructions of the final models
 SHOW_DIGITS = 10  # digits per row of the samples picture
-PAPER_YLIM = (-150.0, -95.0)  # the paper's vertical range, widened only to fit measured points
-PAPER_XLIM = (1e5, 1e8)  # the paper's horizontal range, widened only to fit measured points
+PAPER_YLIM = (-150.0, -95.0)  # the paper's vertical range; lines that leave it are clipped
+PAPER_XLIM = (1e5, 1e8)  # the paper's horizontal range (training samples, log scale)
 METHOD_STYLE = {"aevb": ("AEVB", "tab:red"), "wake-sleep": ("WS", "tab:blue")}  # legend, colour
 
 
@@ -532,16 +532,14 @@ class RunKey(NamedTuple):
     @property
     def name(self) -> str:
         """How the log names the run: 'aevb N_z=20', or 'aevb N_z=20 seed 2'."""
-        return f"{self.method} N_z={self.latent_dim}" + f" seed {self.seed_index}" * bool(
-            self.seed_index
-        )
+        seed = f" seed {self.seed_index}" if self.seed_index else ""
+        return f"{self.method} N_z={self.latent_dim}{seed}"
 
     @property
     def stem(self) -> str:
         """The run's file names without extension: 'aevb_nz20', or 'aevb_nz20_seed2'."""
-        return f"{self.method}_nz{self.latent_dim}" + f"_seed{self.seed_index}" * bool(
-            self.seed_index
-        )
+        seed = f"_seed{self.seed_index}" if self.seed_index else ""
+        return f"{self.method}_nz{self.latent_dim}{seed}"
 
 
 def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -> int:
@@ -2177,7 +2175,8 @@ def main(argv: list[str] | None = None) -> int:
     store = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), fp)
     folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(settings_of(cfg)))
     if cfg.fresh:
-        for path in (json_path, folder.folder, store.folder):
+        models, pictures = store.models, os.path.join(cfg.out_dir, SAMPLES_NAME)
+        for path in (json_path, folder.folder, store.folder, models, pictures):
             keep_aside(path)
     try:
         folder.migrate(json_path)

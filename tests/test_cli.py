@@ -146,7 +146,7 @@ def test_main_writes_json_png_table_and_plot_only_redraws(
     # --fresh starts over and keeps the earlier results and run files aside
     assert rf.main(tiny_args(mnist_dir, out, "--methods", "aevb", "--fresh")) == 0
     assert len(list(out.glob("vae_mnist_fig2_repro.*.json"))) == 1
-    assert len(list(out.glob("runs.*"))) == 1
+    assert len(list(out.glob("runs.*"))) == 1 and len(list(out.glob("models.*"))) == 1
     assert [r["method"] for r in json.loads((out / rf.RESULTS_NAME).read_text())["runs"]] == [
         "aevb",
         "aevb",
