@@ -1792,7 +1792,8 @@ def estimate_seconds(
     """Wall time of training `todo` as run_all will, from a short timed warm-up of each setting.
 
     Each setting takes ESTIMATE_STEPS eager steps at the thread count it will get, and one
-    full evaluation is timed per thread count; the queue of cfg.jobs slots is then replayed.
+    full evaluation is timed per thread count (the final log p(x) estimate is costed from
+    it); the queue of cfg.jobs slots is then replayed.
     """
     step_s: dict[tuple[str, int, int], float] = {}
     eval_s: dict[int, float] = {}
@@ -1824,6 +1825,9 @@ def estimate_seconds(
         if cfg.lr == "auto" and not evals:  # the pilots, each scored on the training set
             pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[key] + eval_s[threads] * 0.9
             seconds += len(LR_CANDIDATES) * pilot
+        # the final log p(x): K decodes of each test image, each about 2/3 of a full pass
+        test_share = len(data.test_eval) / (len(data.train_eval) + len(data.test_eval))
+        seconds += eval_s[threads] * cfg.iw_samples * test_share * 2 / 3
         if use_compile(cfg, threads, device):
             seconds += COMPILE_SECONDS
         return seconds
