@@ -767,7 +767,7 @@ def plot_samples(models: dict[RunKey, dict], digits: torch.Tensor, path: str, se
             name += f" (diverged; its state at {saved['samples']:,} samples)" * saved["diverged"]
             show_strip(top, torch.sigmoid(vae.decoder(z)), f"{name}: samples")
             show_strip(bottom, torch.sigmoid(vae.decoder(mu)), f"{name}: reconstructions")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     return fig
 
 
