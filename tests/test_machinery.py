@@ -577,3 +577,21 @@ def test_a_diverged_run_keeps_its_last_good_model_marked_as_such(
     saved = torch.load(tmp_path / "models" / "aevb_nz3.pt")
     assert saved["diverged"] is True and saved["samples"] == 1000
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_seeds_in_worker_processes_give_the_numbers_of_one_process(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    args = ["--latent-dims", "2", "--methods", "aevb", "wake-sleep", "--seeds", "2"]
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "one", *args, "--jobs", "1")) == 0
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "two", *args, "--jobs", "2")) == 0
+    one = json.loads((tmp_path / "one" / rf.RESULTS_NAME).read_text())["runs"]
+    assert [(r["method"], r["seed_index"]) for r in one] == [
+        ("aevb", 0),
+        ("aevb", 1),
+        ("wake-sleep", 0),
+        ("wake-sleep", 1),
+    ]
+    assert measured(tmp_path / "one" / rf.RESULTS_NAME) == measured(
+        tmp_path / "two" / rf.RESULTS_NAME
+    )
