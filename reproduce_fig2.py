@@ -1001,16 +1001,8 @@ class Checkpoints:
             state = torch.load(path, map_location="cpu", weights_only=True)
             fingerprint = state["fingerprint"]
         except Exception as exc:  # noqa: BLE001 (truncated, foreign or corrupt: say which file)
-            raise CheckpointError(
-                f"checkpoint {path} cannot be read ({type(exc).__name__}); pass --fresh to start "
-                "over (the old files are kept aside)"
-            ) from None
-        if not same_settings(fingerprint, self.fingerprint):
-            raise CheckpointError(
-                f"checkpoint {path} was made with other settings: "
-                f"{fingerprint_difference(fingerprint, self.fingerprint)}; pass --fresh to start "
-                "over, or use another --out-dir"
-            )
+            raise unreadable(f"checkpoint {path} ({type(exc).__name__})") from None
+        check_settings(f"checkpoint {path}", fingerprint, self.fingerprint)
         return state
 
     @property
@@ -1235,6 +1227,22 @@ def upgraded(old: dict, new: dict) -> dict:
     return old
 
 
+def unreadable(what: str) -> CheckpointError:
+    """The one-line refusal of a results file or checkpoint that cannot be read."""
+    return CheckpointError(
+        f"{what} cannot be read; pass --fresh to start over (the old files are kept aside)"
+    )
+
+
+def check_settings(what: str, old: dict, new: dict) -> None:
+    """Refuse, in one line naming the differing settings, a file made with other settings."""
+    if not same_settings(old, new):
+        raise CheckpointError(
+            f"{what} was made with other settings: {fingerprint_difference(old, new)}; pass "
+            "--fresh to start over (the old files are kept aside), or use another --out-dir"
+        )
+
+
 def fingerprint_difference(old: dict, new: dict) -> str:
     """The settings that differ between two fingerprints, as 'name old -> new'."""
     old = upgraded(old, new)
@@ -1392,16 +1400,8 @@ class ResultsFolder:
                     saved = json.load(f)
                 run, fp = saved["run"], saved["fingerprint"]
             except (OSError, ValueError, KeyError, TypeError):
-                raise CheckpointError(
-                    f"{path} cannot be read; pass --fresh to start over (the old files are "
-                    "kept aside)"
-                ) from None
-            if not same_settings(fp, self.fingerprint):
-                raise CheckpointError(
-                    f"{path} was made with other settings: "
-                    f"{fingerprint_difference(fp, self.fingerprint)}; pass --fresh to start over "
-                    "(the old files are kept aside), or use another --out-dir"
-                )
+                raise unreadable(path) from None
+            check_settings(path, fp, self.fingerprint)
             runs[_key(run)] = run
         return runs
 
@@ -1445,16 +1445,8 @@ class ResultsFolder:
             with open(json_path) as f:
                 old = json.load(f)
         except ValueError:
-            raise CheckpointError(
-                f"{json_path} cannot be read; pass --fresh to start over (the old files are kept "
-                "aside)"
-            ) from None
-        if not same_settings(old.get("fingerprint") or {}, self.fingerprint):
-            raise CheckpointError(
-                f"{json_path} was made with other settings: "
-                f"{fingerprint_difference(old.get('fingerprint') or {}, self.fingerprint)}; pass "
-                "--fresh to start over (the old files are kept aside), or use another --out-dir"
-            )
+            raise unreadable(json_path) from None
+        check_settings(json_path, old.get("fingerprint") or {}, self.fingerprint)
         on_disk = self.read()
         os.makedirs(self.folder, exist_ok=True)
         moved = [r for r in old["runs"] if _key(r) not in on_disk]
@@ -1821,6 +1813,8 @@ def estimate_seconds(
         evals = runs.get(run_key, pending_run(run_key))["evals"]
         done = evals[-1]["samples"] if evals else 0
         points = [p for p in schedule_of(cfg) if p > done]
+        if not points:  # evaluated to the end; another process is finishing it
+            return 0.0
         seconds = (points[-1] - done) / cfg.batch_size * step_s[key] + len(points) * eval_s[threads]
         if cfg.lr == "auto" and not evals:  # the pilots, each scored on the training set
             pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[key] + eval_s[threads] * 0.9

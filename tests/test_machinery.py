@@ -419,6 +419,16 @@ def test_the_time_estimate_is_printed_before_training_and_the_wall_time_after(
     )
 
 
+def test_the_estimate_takes_a_run_evaluated_to_its_end_as_free(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    cfg = rf.parse_config(tiny_args(mnist_dir, tmp_path / "out"))
+    data = rf.load_data(str(mnist_dir), torch.device("cpu"), False, 0, verify=False)
+    key = rf.RunKey("aevb", 2)
+    finishing = {key: {"status": "running", "evals": [{"samples": cfg.samples}]}}
+    assert rf.estimate_seconds(cfg, data, torch.device("cpu"), [key], finishing) == 0.0
+
+
 @pytest.mark.parametrize(
     "seconds, said", [(4.2, "4 s"), (89, "89 s"), (600, "10 min"), (3 * 3600 + 300, "3 h 05 min")]
 )
@@ -476,7 +486,7 @@ def test_two_invocations_sharing_a_folder_lose_nothing(mnist_dir: Path, tmp_path
 
 def test_the_same_command_twice_trains_each_run_once(mnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3")
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3", "4", "5")  # a few seconds each
     a = start(args)
     lock = out / "runs" / "aevb_nz2.lock"
     wait_for(lambda: rf.lock_holder(str(lock)) is not None, a, "the first run was locked")
@@ -493,7 +503,7 @@ def test_the_same_command_twice_trains_each_run_once(mnist_dir: Path, tmp_path: 
         assert (
             f"left to another process: [aevb N_z={nz}], held by {host} pid {pid}" in a_out + b_out
         )
-    for nz in (2, 3):  # each run trained by exactly one of the two
+    for nz in (2, 3, 4, 5):  # each run trained by exactly one of the two
         assert (a_out + b_out).count(f"[aevb N_z={nz}] training on") == 1
     assert all(status == "done" for status, _ in by_run(out / rf.RESULTS_NAME).values())
 
