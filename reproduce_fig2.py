@@ -1408,12 +1408,16 @@ class ResultsFolder:
     def save_run(self, run: dict) -> None:
         """Write one run's file atomically, then rebuild the combined results (and, at most
         every FIGURE_EVERY_S seconds, the figure)."""
-        os.makedirs(self.folder, exist_ok=True)
-        saved = {"fingerprint": self.fingerprint, "environment": self.header["environment"]}
-        write_json_atomic(saved | {"run": run}, self.path(_key(run)))
+        self.write_run(run)
         png = os.path.join(self.out_dir, FIGURE_NAME)
         stale = not os.path.exists(png) or time.time() - os.path.getmtime(png) > FIGURE_EVERY_S
         self.publish(figure=stale)
+
+    def write_run(self, run: dict) -> None:
+        """Write one run's file atomically: its fingerprint, this process's environment, it."""
+        os.makedirs(self.folder, exist_ok=True)
+        saved = {"fingerprint": self.fingerprint, "environment": self.header["environment"]}
+        write_json_atomic(saved | {"run": run}, self.path(_key(run)))
 
     def publish(self, figure: bool = True) -> dict:
         """Rebuild the combined JSON (and the figure) from all the run files; returns it."""
@@ -1448,12 +1452,11 @@ class ResultsFolder:
             raise unreadable(json_path) from None
         check_settings(json_path, old.get("fingerprint") or {}, self.fingerprint)
         on_disk = self.read()
-        os.makedirs(self.folder, exist_ok=True)
         moved = [r for r in old["runs"] if _key(r) not in on_disk]
         for run in (r for r in moved if r["evals"] or r["status"] in FINISHED):
             if run["status"] == "running":
                 run = run | {"status": "interrupted"}
-            write_json_atomic({"fingerprint": self.fingerprint, "run": run}, self.path(_key(run)))
+            self.write_run(run)
             log(f"[{_key(run).name}] moved from {json_path} into {RUNS_FOLDER}/")
 
 
@@ -1553,17 +1556,15 @@ def threads_for(cfg: Config, in_flight: int) -> int:
 
 
 def run_all(
-    cfg: Config, data: Data, device: torch.device, folder: ResultsFolder, store: Checkpoints
+    cfg: Config,
+    data: Data,
+    device: torch.device,
+    folder: ResultsFolder,
+    store: Checkpoints,
+    todo: list[RunKey],
 ) -> dict[RunKey, str]:
-    """Train every unfinished setting that no other process holds, here or in worker
+    """Train the unfinished runs in `todo` that no other process holds, here or in worker
     processes; returns the runs left to other processes, with who holds them."""
-    on_disk, todo = folder.read(), []
-    for key in folder.settings:
-        status = on_disk.get(key, pending_run(key))["status"]
-        if status in FINISHED:
-            log(f"[{key.name}] already {status}: skipped")
-        else:
-            todo.append(key)
     if cfg.jobs == 1 or len(todo) <= 1:
         left = {}
         for key in todo:
@@ -1795,10 +1796,12 @@ def estimate_seconds(
         method, latent_dim = run_key.method, run_key.latent_dim
         key = (method, latent_dim, threads)  # seeds of one setting cost the same
         torch.set_num_threads(threads)
+        timed = key in step_s and threads in eval_s
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            vae = build_vae(latent_dim, cfg.hidden_size).to(device)
-            step, _ = make_step(method, vae, lr, device, compile_step=False)
-            batches = Batches(data.train, cfg.batch_size)
+            if not timed:
+                vae = build_vae(latent_dim, cfg.hidden_size).to(device)
+                step, _ = make_step(method, vae, lr, device, compile_step=False)
+                batches = Batches(data.train, cfg.batch_size)
             if key not in step_s:
                 float(step(batches.next()))  # warm-up: first-call allocations
                 start = time.perf_counter()
@@ -1982,15 +1985,14 @@ def benchmark(
     step, _ = make_step("aevb", vae, float(LEARNING_RATE), device, compiled)
     batches = Batches(data.train, cfg.batch_size)
     yardstick = plain_step(cfg, device, Batches(data.train, cfg.batch_size))
-    both = {"ours": lambda: step(batches.next()), "plain": yardstick}
-    rates = samples_per_second(both, steps, windows, cfg.batch_size)
-    ours, plain = rates["ours"], rates["plain"]
-    eager = ours
+    timed = {"ours": lambda: step(batches.next()), "plain": yardstick}
     if compiled:  # the same step, eager, for the fast step's gain
-        eager_step, _ = make_step("aevb", vae, float(LEARNING_RATE), device, compile_step=False)
-        eager = samples_per_second(
-            {"e": lambda: eager_step(batches.next())}, steps, windows, cfg.batch_size
-        )["e"]
+        twin = build_vae(20, cfg.hidden_size).to(device)
+        eager_step, _ = make_step("aevb", twin, float(LEARNING_RATE), device, compile_step=False)
+        timed["eager"] = lambda: eager_step(batches.next())
+    rates = samples_per_second(timed, steps, windows, cfg.batch_size)
+    ours, plain = rates["ours"], rates["plain"]
+    eager = rates.get("eager", ours)
     every_run = all_runs_step(cfg, device, data, compiled and device.type == "cuda")
     per_run = samples_per_second({"all": every_run}, steps, windows, cfg.batch_size)["all"]
     all_runs = per_run * len(METHODS) * len(LATENT_DIMS)  # the ten together
@@ -2184,7 +2186,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    todo = [k for k in folder.settings if on_disk.get(k, pending_run(k))["status"] not in FINISHED]
+    todo = []
+    for key in folder.settings:
+        status = on_disk.get(key, pending_run(key))["status"]
+        if status in FINISHED:
+            log(f"[{key.name}] already {status}: skipped")
+        else:
+            todo.append(key)
     at_a_time = min(cfg.jobs, len(todo)) or 1
     threads = f"{cfg.threads} threads per run" if cfg.threads else "cores shared among them"
     log(f"training on {device}, {at_a_time} run(s) at a time ({threads}); results: {json_path}")
@@ -2199,7 +2207,7 @@ def main(argv: list[str] | None = None) -> int:
     code, left = 0, {}
     try:
         try:
-            left = run_all(cfg, data, device, folder, store)
+            left = run_all(cfg, data, device, folder, store, todo)
         except Interrupted as exc:
             code = exc.code
         results = folder.publish()  # still under request_stop: Ctrl-C cannot break it
