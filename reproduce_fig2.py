@@ -567,8 +567,7 @@ def train_until(
 
 
 def train_run(
-    method: str,
-    latent_dim: int,
+    key: RunKey,
     cfg: Config,
     data: Data,
     device: torch.device,
@@ -576,21 +575,19 @@ def train_run(
     progress: bool = True,
     store: Checkpoints | None = None,
     threads: int | None = None,
-    seed_index: int = 0,
 ) -> dict:
-    """Train one (method, N_z) setting, evaluating it along the schedule; returns its run record.
+    """Train one run (method, N_z, seed), evaluating it along the schedule; returns its record.
 
     `on_eval` receives the record after every evaluation, so the caller can save it at once.
     With a checkpoint store the run continues from its checkpoint if there is one, writes one
     at every evaluation and on a stop request, and drops it when the run is done. `threads`:
     CPU threads for this run (None: as set now).
     """
-    key = RunKey(method, latent_dim, seed_index)
     keeper = RunKeeper(key, cfg, device, store, progress, threads)
     run = keeper.begin(keeper.record or new_run_record(key, cfg, data, device))
     seed_everything(run["seed"])
-    vae = build_vae(latent_dim, cfg.hidden_size).to(device)
-    step, opts = make_step(method, vae, run["lr"], device, run["compiled"])
+    vae = build_vae(key.latent_dim, cfg.hidden_size).to(device)
+    step, opts = make_step(key.method, vae, run["lr"], device, run["compiled"])
     batches = Batches(data.train, cfg.batch_size)
     samples = keeper.restore(vae, opts, batches)  # 0, or where its checkpoint stopped
     for point in [p for p in schedule_of(cfg) if p > samples]:
@@ -1610,18 +1607,7 @@ def train_locked(
                 on_eval(run)
 
         try:
-            train_run(
-                key.method,
-                key.latent_dim,
-                cfg,
-                data,
-                device,
-                save,
-                progress,
-                store,
-                threads,
-                key.seed_index,
-            )
+            train_run(key, cfg, data, device, save, progress, store, threads)
         except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
             run = folder.read().get(key) or pending_run(key)
             fail(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())

@@ -50,7 +50,7 @@ def test_cuda_evaluator_equals_the_hand_computation(synthetic_data: rf.Data) -> 
 def test_cuda_training_raises_the_elbo(synthetic_data: rf.Data, method: str) -> None:
     data, cfg = on_cuda(synthetic_data), tiny_config(methods=(method,), device="cuda")
     start = rf.evaluate_elbo(rf.build_vae(3, cfg.hidden_size).to(CUDA), data.train_eval)["elbo"]
-    run = rf.train_run(method, 3, cfg, data, CUDA, lambda r: None, progress=False)
+    run = rf.train_run(rf.RunKey(method, 3), cfg, data, CUDA, lambda r: None, progress=False)
     assert run["status"] == "done" and run["evals"][-1]["train_elbo"] > start + 100
 
 

@@ -210,8 +210,7 @@ def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
     with pytest.raises(rf.Interrupted):
         try:
             rf.train_run(
-                "aevb",
-                3,
+                rf.RunKey("aevb", 3),
                 cfg,
                 synthetic_data,
                 torch.device("cpu"),
@@ -226,8 +225,7 @@ def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
     ckpt["wall_seconds"] = 1000.0  # as if it had trained for a long time after its last evaluation
     store.save(rf.RunKey("aevb", 3), {k: v for k, v in ckpt.items() if k != "fingerprint"})
     run = rf.train_run(
-        "aevb",
-        3,
+        rf.RunKey("aevb", 3),
         cfg,
         synthetic_data,
         torch.device("cpu"),
@@ -582,7 +580,9 @@ def test_a_diverged_run_keeps_its_last_good_model_marked_as_such(
     monkeypatch.setitem(rf.STEPS, "aevb", poisoned_later)
     store = rf.Checkpoints(str(tmp_path / "checkpoints"), {"test": True})
     cpu = torch.device("cpu")
-    run = rf.train_run("aevb", 3, tiny_config(), synthetic_data, cpu, lambda r: None, False, store)
+    run = rf.train_run(
+        rf.RunKey("aevb", 3), tiny_config(), synthetic_data, cpu, lambda r: None, False, store
+    )
     assert run["status"] == "diverged" and run["diverged_at"] == 3000
     saved = torch.load(tmp_path / "models" / "aevb_nz3.pt")
     assert saved["diverged"] is True and saved["samples"] == 1000

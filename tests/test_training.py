@@ -62,7 +62,12 @@ def test_training_raises_the_elbo_for_both_methods(synthetic_data: rf.Data) -> N
             "elbo"
         ]
         run = rf.train_run(
-            method, 3, cfg, synthetic_data, torch.device("cpu"), lambda r: None, progress=False
+            rf.RunKey(method, 3),
+            cfg,
+            synthetic_data,
+            torch.device("cpu"),
+            lambda r: None,
+            progress=False,
         )
         assert run["status"] == "done" and [e["samples"] for e in run["evals"]] == [1000, 3000]
         assert run["evals"][-1]["train_elbo"] > start + 100, method
@@ -132,7 +137,12 @@ def test_auto_step_size_picks_the_best_pilot(
     monkeypatch.setattr(rf, "LR_CANDIDATES", (1e-6, 0.05, 1e30))
     cfg = tiny_config(lr="auto", lr_pilot_samples=500, samples=500, eval_start=500)
     run = rf.train_run(
-        "aevb", 3, cfg, synthetic_data, torch.device("cpu"), lambda r: None, progress=False
+        rf.RunKey("aevb", 3),
+        cfg,
+        synthetic_data,
+        torch.device("cpu"),
+        lambda r: None,
+        progress=False,
     )
     scores = run["lr_pilot_scores"]
     assert set(scores) == {"1e-06", "0.05", "1e+30"}
@@ -141,8 +151,7 @@ def test_auto_step_size_picks_the_best_pilot(
     assert scores["1e+30"] is None
     # the pick is the candidate a plain run with that step size would also score best
     plain = rf.train_run(
-        "aevb",
-        3,
+        rf.RunKey("aevb", 3),
         tiny_config(lr=0.05, samples=500, eval_start=500),
         synthetic_data,
         torch.device("cpu"),
@@ -166,8 +175,7 @@ def test_non_finite_loss_marks_the_run_diverged(
 
     monkeypatch.setitem(rf.STEPS, "aevb", poisoned)
     run = rf.train_run(
-        "aevb",
-        3,
+        rf.RunKey("aevb", 3),
         tiny_config(),
         synthetic_data,
         torch.device("cpu"),
@@ -195,7 +203,7 @@ def test_real_mnist_nz3_reaches_minus_175_in_200k_samples() -> None:
             latent_dims=(3,), methods=("aevb",), samples=200_000, compile="off", iw_samples=1
         )
         run = rf.train_run(
-            "aevb", 3, cfg, data, torch.device("cpu"), lambda r: None, progress=False
+            rf.RunKey("aevb", 3), cfg, data, torch.device("cpu"), lambda r: None, progress=False
         )
     finally:
         torch.set_num_threads(1)
