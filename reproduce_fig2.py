@@ -2114,29 +2114,61 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 # -------------------------------------------------------------------------------- main
+def plot_only(cfg: Config) -> int:
+    """--plot-only: redraw the figure and the samples picture from the files in --out-dir."""
+    try:
+        results = redraw(cfg.out_dir)
+    except (OSError, ValueError, KeyError, CheckpointError) as exc:
+        print(
+            f"error: cannot read the results in {cfg.out_dir} ({exc}); run the training "
+            "first or point --out-dir at its folder",
+            file=sys.stderr,
+        )
+        return 2
+    json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
+    print(f"figure: {png_path}" + f"\nresults: {json_path}" * bool(results))
+    if load_models(cfg.out_dir):  # the samples picture needs the test digits
+        try:
+            digits = load_split(cfg.data_dir, "test", cfg.verify_data)
+            print(f"samples: {draw_samples(cfg.out_dir, digits, cfg.seed)}")
+        except (OSError, DataError) as exc:
+            print(f"notice: {SAMPLES_NAME} not redrawn: no MNIST test set ({exc})")
+    return 0
+
+
+def open_results(
+    cfg: Config, data: Data, device: torch.device
+) -> tuple[ResultsFolder, Checkpoints, dict[RunKey, dict], list[RunKey]]:
+    """The results folder and checkpoints of this configuration (old ones set aside with
+    --fresh), what they already hold, and the runs left to train; raises CheckpointError for an
+    unreadable or foreign run file or checkpoint, before any work."""
+    fp = fingerprint(cfg, data, device)
+    store = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), fp)
+    folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(settings_of(cfg)))
+    json_path = os.path.join(cfg.out_dir, RESULTS_NAME)
+    if cfg.fresh:
+        pictures = os.path.join(cfg.out_dir, SAMPLES_NAME)
+        for path in (json_path, folder.folder, store.folder, store.models, pictures):
+            keep_aside(path)
+    folder.migrate(json_path)
+    on_disk = folder.read()  # refuses a run file that is unreadable or from other settings
+    for key in folder.settings:
+        store.load(key)  # refuses an unreadable or foreign checkpoint before any work
+    todo = []
+    for key in folder.settings:
+        status = on_disk.get(key, pending_run(key))["status"]
+        if status in FINISHED:
+            log(f"[{key.name}] already {status}: skipped")
+        else:
+            todo.append(key)
+    return folder, store, on_disk, todo
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load MNIST, train every setting, save the JSON, draw the figure."""
     cfg = parse_config(argv)
-    json_path = os.path.join(cfg.out_dir, RESULTS_NAME)
-    png_path = os.path.join(cfg.out_dir, FIGURE_NAME)
     if cfg.plot_only:
-        try:
-            results = redraw(cfg.out_dir)
-        except (OSError, ValueError, KeyError, CheckpointError) as exc:
-            print(
-                f"error: cannot read the results in {cfg.out_dir} ({exc}); run the training "
-                "first or point --out-dir at its folder",
-                file=sys.stderr,
-            )
-            return 2
-        print(f"figure: {png_path}" + f"\nresults: {json_path}" * bool(results))
-        if load_models(cfg.out_dir):  # the samples picture needs the test digits
-            try:
-                digits = load_split(cfg.data_dir, "test", cfg.verify_data)
-                print(f"samples: {draw_samples(cfg.out_dir, digits, cfg.seed)}")
-            except (OSError, DataError) as exc:
-                print(f"notice: {SAMPLES_NAME} not redrawn: no MNIST test set ({exc})")
-        return 0
+        return plot_only(cfg)
     device = resolve_device(cfg.device)
     quiet_third_party()
     if cfg.benchmark:  # one run: all cores unless --threads says otherwise
@@ -2157,28 +2189,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    fp = fingerprint(cfg, data, device)
-    store = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), fp)
-    folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(settings_of(cfg)))
-    if cfg.fresh:
-        models, pictures = store.models, os.path.join(cfg.out_dir, SAMPLES_NAME)
-        for path in (json_path, folder.folder, store.folder, models, pictures):
-            keep_aside(path)
     try:
-        folder.migrate(json_path)
-        on_disk = folder.read()  # refuses a run file that is unreadable or from other settings
-        for key in folder.settings:
-            store.load(key)  # refuses an unreadable or foreign checkpoint before any work
+        folder, store, on_disk, todo = open_results(cfg, data, device)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    todo = []
-    for key in folder.settings:
-        status = on_disk.get(key, pending_run(key))["status"]
-        if status in FINISHED:
-            log(f"[{key.name}] already {status}: skipped")
-        else:
-            todo.append(key)
+    json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
     at_a_time = min(cfg.jobs, len(todo)) or 1
     threads = f"{cfg.threads} threads per run" if cfg.threads else "cores shared among them"
     log(f"training on {device}, {at_a_time} run(s) at a time ({threads}); results: {json_path}")
