@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,20 @@ def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     small = "--samples 1200 --eval-start 300 --evals-per-decade 3 --hidden-size 16 --batch-size 50"
     serial = "--threads 1 --jobs 1 --compile off"
     return [*fixed, "--latent-dims", "2", "3", *small.split(), *serial.split(), *extra]
+
+
+def train_n_z3(
+    cfg: rf.Config,
+    data: rf.Data,
+    method: str = "aevb",
+    device: torch.device | None = None,
+    on_eval: Callable[[dict], None] = lambda run: None,
+    **kw: Any,
+) -> dict:
+    """train_run() of the N_z = 3 run of `method` (on the CPU unless `device` says otherwise),
+    without progress bars; its record."""
+    device = device or torch.device("cpu")
+    return rf.train_run(rf.RunKey(method, 3), cfg, data, device, on_eval, progress=False, **kw)
 
 
 def tiny_config(**kw: Any) -> rf.Config:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import measured, tiny_args, tiny_config
+from conftest import measured, tiny_args, tiny_config, train_n_z3
 from test_machinery import resumable_args, stop_at_first_checkpoint
 
 import reproduce_fig2 as rf
@@ -50,7 +50,7 @@ def test_cuda_evaluator_equals_the_hand_computation(synthetic_data: rf.Data) -> 
 def test_cuda_training_raises_the_elbo(synthetic_data: rf.Data, method: str) -> None:
     data, cfg = on_cuda(synthetic_data), tiny_config(methods=(method,), device="cuda")
     start = rf.evaluate_elbo(rf.build_vae(3, cfg.hidden_size).to(CUDA), data.train_eval)["elbo"]
-    run = rf.train_run(rf.RunKey(method, 3), cfg, data, CUDA, lambda r: None, progress=False)
+    run = train_n_z3(cfg, data, method, CUDA)
     assert run["status"] == "done" and run["evals"][-1]["train_elbo"] > start + 100
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import measured, tiny_args, tiny_config
+from conftest import measured, tiny_args, tiny_config, train_n_z3
 
 import reproduce_fig2 as rf
 
@@ -209,13 +209,10 @@ def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
     store = rf.Checkpoints(str(tmp_path / "checkpoints"), {"test": True})
     with pytest.raises(rf.Interrupted):
         try:
-            rf.train_run(
-                rf.RunKey("aevb", 3),
+            train_n_z3(
                 cfg,
                 synthetic_data,
-                torch.device("cpu"),
-                lambda run: rf.request_stop(signal.SIGINT, None),
-                progress=False,
+                on_eval=lambda run: rf.request_stop(signal.SIGINT, None),
                 store=store,
             )
         finally:
@@ -224,15 +221,7 @@ def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
     assert ckpt is not None and ckpt["wall_seconds"] >= ckpt["run"]["evals"][-1]["wall_seconds"]
     ckpt["wall_seconds"] = 1000.0  # as if it had trained for a long time after its last evaluation
     store.save(rf.RunKey("aevb", 3), {k: v for k, v in ckpt.items() if k != "fingerprint"})
-    run = rf.train_run(
-        rf.RunKey("aevb", 3),
-        cfg,
-        synthetic_data,
-        torch.device("cpu"),
-        lambda run: None,
-        progress=False,
-        store=store,
-    )
+    run = train_n_z3(cfg, synthetic_data, store=store)
     assert (
         run["status"] == "done"
         and run["evals"][0]["wall_seconds"] < 1000 < run["evals"][-1]["wall_seconds"]
@@ -583,10 +572,7 @@ def test_a_diverged_run_keeps_its_last_good_model_marked_as_such(
 
     monkeypatch.setitem(rf.STEPS, "aevb", poisoned_later)
     store = rf.Checkpoints(str(tmp_path / "checkpoints"), {"test": True})
-    cpu = torch.device("cpu")
-    run = rf.train_run(
-        rf.RunKey("aevb", 3), tiny_config(), synthetic_data, cpu, lambda r: None, False, store
-    )
+    run = train_n_z3(tiny_config(), synthetic_data, store=store)
     assert run["status"] == "diverged" and run["diverged_at"] == 3000
     saved = torch.load(tmp_path / "models" / "aevb_nz3.pt")
     assert saved["diverged"] is True and saved["samples"] == 1000

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import pytest
 import torch
-from conftest import REAL_MNIST, tiny_config
+from conftest import REAL_MNIST, tiny_config, train_n_z3
 from torch.nn.functional import binary_cross_entropy_with_logits
 
 import reproduce_fig2 as rf
@@ -61,14 +61,7 @@ def test_training_raises_the_elbo_for_both_methods(synthetic_data: rf.Data) -> N
         start = rf.evaluate_elbo(rf.build_vae(3, cfg.hidden_size), synthetic_data.train_eval)[
             "elbo"
         ]
-        run = rf.train_run(
-            rf.RunKey(method, 3),
-            cfg,
-            synthetic_data,
-            torch.device("cpu"),
-            lambda r: None,
-            progress=False,
-        )
+        run = train_n_z3(cfg, synthetic_data, method)
         assert run["status"] == "done" and [e["samples"] for e in run["evals"]] == [1000, 3000]
         assert run["evals"][-1]["train_elbo"] > start + 100, method
         assert run["evals"][-1]["train_elbo"] > run["evals"][0]["train_elbo"], method
@@ -136,28 +129,14 @@ def test_auto_step_size_picks_the_best_pilot(
 ) -> None:
     monkeypatch.setattr(rf, "LR_CANDIDATES", (1e-6, 0.05, 1e30))
     cfg = tiny_config(lr="auto", lr_pilot_samples=500, samples=500, eval_start=500)
-    run = rf.train_run(
-        rf.RunKey("aevb", 3),
-        cfg,
-        synthetic_data,
-        torch.device("cpu"),
-        lambda r: None,
-        progress=False,
-    )
+    run = train_n_z3(cfg, synthetic_data)
     scores = run["lr_pilot_scores"]
     assert set(scores) == {"1e-06", "0.05", "1e+30"}
     assert run["lr"] == 0.05 and scores["0.05"] > scores["1e-06"]
     # the pilot that blows up is recorded as diverged and scored worst
     assert scores["1e+30"] is None
     # the pick is the candidate a plain run with that step size would also score best
-    plain = rf.train_run(
-        rf.RunKey("aevb", 3),
-        tiny_config(lr=0.05, samples=500, eval_start=500),
-        synthetic_data,
-        torch.device("cpu"),
-        lambda r: None,
-        progress=False,
-    )
+    plain = train_n_z3(tiny_config(lr=0.05, samples=500, eval_start=500), synthetic_data)
     assert plain["evals"][-1]["train_elbo"] == pytest.approx(scores["0.05"], abs=1e-9)
     assert "chose lr 0.05" in capsys.readouterr().out
 
@@ -174,14 +153,7 @@ def test_non_finite_loss_marks_the_run_diverged(
         return loss
 
     monkeypatch.setitem(rf.STEPS, "aevb", poisoned)
-    run = rf.train_run(
-        rf.RunKey("aevb", 3),
-        tiny_config(),
-        synthetic_data,
-        torch.device("cpu"),
-        lambda r: None,
-        progress=False,
-    )
+    run = train_n_z3(tiny_config(), synthetic_data)
     assert run["status"] == "diverged" and run["diverged_at"] == 1000 and run["evals"] == []
 
 
@@ -202,9 +174,7 @@ def test_real_mnist_nz3_reaches_minus_175_in_200k_samples() -> None:
         cfg = rf.Config(
             latent_dims=(3,), methods=("aevb",), samples=200_000, compile="off", iw_samples=1
         )
-        run = rf.train_run(
-            rf.RunKey("aevb", 3), cfg, data, torch.device("cpu"), lambda r: None, progress=False
-        )
+        run = train_n_z3(cfg, data)
     finally:
         torch.set_num_threads(1)
     assert run["evals"][-1]["samples"] == 200_000
