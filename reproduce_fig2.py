@@ -1034,14 +1034,8 @@ class RunKeeper:
         progress: bool,
         threads: int | None = None,
     ) -> None:
-        self.key, self.device, self.store, self.cfg, self.progress = (
-            key,
-            device,
-            store,
-            cfg,
-            progress,
-        )
-        self.name = key.name
+        self.key, self.name, self.cfg, self.device = key, key.name, cfg, device
+        self.store, self.progress = store, progress
         self.threads = threads or torch.get_num_threads()
         torch.set_num_threads(self.threads)
         self.checkpoint = store.load(key) if store else None
