@@ -10,9 +10,10 @@ way the paper does.
     python reproduce_fig2.py --help             # every constant below as a flag
 
 Read from the top to the MACHINERY banner to learn the experiment: constants, data, the
-paper's networks, the ELBO, the AEVB and wake-sleep steps, the training loop, the figure.
-Below the banner is what makes long runs safe and fast: checkpoints, resume, worker
-processes, the benchmark and the command line.
+paper's networks, the ELBO, the AEVB and wake-sleep steps, the loop over the runs, the figure
+and main(). Below the banner is what makes long runs safe and fast: stop requests,
+checkpoints, results files and locks, CUDA graphs, worker processes, the time estimate, the
+benchmark and the command line.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
@@ -77,21 +79,21 @@ SEEDS: int = 1  # seeds per (method, N_z); the figure draws their median and ran
 IW_SAMPLES: int = 100  # K, importance samples per test image of the final log p(x) estimate
 IW_DECODES_PER_PASS: int = 50_000  # decoder passes per batch of the log p(x) estimate (memory)
 DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
-THREADS: int = 0  # CPU threads per run; 0 means cores / JOBS
-JOBS: int = 2  # runs trained side by side in worker processes (2 x 1 thread: fastest on 2 cores)
+THREADS: int = 0  # CPU threads per run; 0 shares the cores among the runs in flight
+JOBS: int = 2  # CPU: runs trained side by side in worker processes (2 x 1 thread on 2 cores)
 COMPILE: str = "auto"  # torch.compile the training step: "auto", "on" or "off"
-COMPILE_MIN_SAMPLES: int = (
-    1_000_000  # "auto" compiles runs of this many samples on CUDA or 2+ threads
-)
-ESTIMATE_STEPS: int = 20  # timed training steps per setting for the wall-time estimate
+COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs this long on CUDA or 2+ threads
+GRAPH_STEPS: int = 50  # CUDA: training steps captured in one CUDA graph, replayed as one launch
+ESTIMATE_STEPS: int = 20  # timed training steps per run for the wall-time estimate
 COMPILE_SECONDS: float = 20.0  # what compiling one run's step costs, for the estimate
 BENCHMARK_STEPS: int = 100  # training steps per timing window of --benchmark
 BENCHMARK_WINDOWS: int = 5  # timing windows of --benchmark (after one warm-up window)
 
 FIGURE_NAME = "vae_mnist_fig2_repro.png"  # figure written to OUT_DIR
 FIGURE_EVERY_S = 60.0  # while training, the figure is redrawn at most this often (and at the end)
-RESULTS_NAME = "vae_mnist_fig2_repro.json"  # results written to OUT_DIR
-RUNS_FOLDER = "runs"  # under OUT_DIR: one JSON and one lock file per (method, N_z) run
+RESULTS_NAME = "vae_mnist_fig2_repro.json"  # combined results, rebuilt from the run files
+RUNS_FOLDER = "runs"  # under OUT_DIR: one JSON and one lock file per run, the source of truth
+CHECKPOINTS_FOLDER = "checkpoints"  # under OUT_DIR: the state of every unfinished run
 MODELS_FOLDER = "models"  # under OUT_DIR: the final model of every finished run
 SAMPLES_NAME = "vae_mnist_samples.png"  # samples and reconstructions of the final models
 SHOW_DIGITS = 10  # digits per row of the samples picture
@@ -176,8 +178,10 @@ class Config:
         type=positive(int),
     )
     device: str = flag(DEVICE, "where to train", choices=("auto", "cpu", "cuda"))
-    threads: int = flag(THREADS, "CPU threads per run (0: cores / jobs)", type=int)
-    jobs: int = flag(JOBS, "runs trained side by side in worker processes", type=positive(int))
+    threads: int = flag(
+        THREADS, "CPU threads per run (0: the cores shared among the runs in flight)", type=int
+    )
+    jobs: int = flag(JOBS, "CPU: runs trained side by side in worker processes", type=positive(int))
     compile: str = flag(
         COMPILE,
         f"torch.compile the training step (auto: runs of {COMPILE_MIN_SAMPLES:,}+ samples "
@@ -188,18 +192,23 @@ class Config:
     verify_data: bool = flag(VERIFY_DATA, "check the files against the standard MNIST checksums")
     out_dir: str = flag(OUT_DIR, "folder for the PNG and JSON")
     plot_only: bool = flag(
-        False, "redraw the PNG from the JSON in --out-dir, no training", action="store_true"
+        False, "redraw the PNG from the run files in --out-dir, no training", action="store_true"
     )
     fresh: bool = flag(
         False, "start over: keep the earlier results and checkpoints aside", action="store_true"
     )
     benchmark: bool = flag(
-        False, "print training and evaluation speed for N_z = 20, no training", action="store_true"
+        False, "print training and evaluation speed, no training", action="store_true"
     )
     benchmark_json: str = flag("", "also write the --benchmark numbers as JSON to this file")
     benchmark_steps: int = flag(
         BENCHMARK_STEPS, "steps per timing window of --benchmark", type=positive(int)
     )
+
+    @property
+    def timing_lr(self) -> float:
+        """A step size to time steps with: --lr, or the first candidate with --lr auto."""
+        return LR_CANDIDATES[0] if self.lr == "auto" else float(self.lr)
 
 
 # ================================================================================ data
@@ -275,38 +284,123 @@ def load_split(data_dir: str, split: str, verify: bool = True) -> torch.Tensor:
     return images.unsqueeze(1).to(torch.float32).div_(255)
 
 
+def raw_folder(data_dir: str) -> str:
+    """The folder where torchvision keeps the uncompressed MNIST files."""
+    return os.path.join(data_dir, "MNIST", "raw")
+
+
+def check_idx_file(path: str) -> None:
+    """Raise DataError unless `path` is a complete IDX file of unsigned bytes."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        ndim = head[3] if len(head) == 4 else 0
+        dims_raw = f.read(4 * ndim)
+    if (
+        len(head) < 4
+        or head[:3] != b"\x00\x00\x08"
+        or not 1 <= ndim <= 3
+        or len(dims_raw) < 4 * ndim
+    ):
+        raise DataError(
+            f"{path} is not an IDX file of unsigned bytes (bad header): "
+            "replace it with the original MNIST file"
+        )
+    dims = struct.unpack(f">{ndim}I", dims_raw)
+    expected, actual = 4 + 4 * ndim + math.prod(dims), os.path.getsize(path)
+    if actual != expected:
+        raise DataError(
+            f"{path} is truncated or malformed: {actual} bytes where its header {list(dims)} "
+            f"needs {expected}; replace it with the original MNIST file"
+        )
+
+
+def ensure_mnist(data_dir: str, download: bool = True) -> None:
+    """Make sure the four raw MNIST files are under `data_dir`, downloading them if allowed."""
+    folder = raw_folder(data_dir)
+    names = [name for pair in MNIST_FILES.values() for name in pair]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if not missing:
+        return
+    reason = "downloading is off"
+    if download:
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            quiet = io.StringIO()
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                torchvision.datasets.MNIST(data_dir, train=True, download=True)
+            return
+        except Exception as exc:  # noqa: BLE001 (any download failure becomes one readable line)
+            first = str(exc).strip().splitlines()
+            reason = f"the download failed ({type(exc).__name__}: {first[-1] if first else exc})"
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    raise DataError(
+        f"MNIST not found: {os.path.abspath(folder)} lacks {', '.join(missing)} and {reason}. "
+        f"Put the four files {', '.join(names)} in MNIST/raw/ under a folder and pass it "
+        "with --data-dir"
+    )
+
+
+def sha256_of(t: torch.Tensor) -> str:
+    """SHA-256 of a uint8 tensor's bytes, as ../shared/mnist/README.md lists them."""
+    return hashlib.sha256(t.to(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def files_digest(data_dir: str) -> str:
+    """SHA-256 of the four raw MNIST files, in a fixed order."""
+    h = hashlib.sha256()
+    for name in (n for pair in MNIST_FILES.values() for n in pair):
+        with open(os.path.join(raw_folder(data_dir), name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
 class Batches:
-    """Minibatches of a resident image tensor, from a fresh random permutation each epoch."""
+    """Minibatches of a resident image tensor in a fresh random order each epoch, drawn by a
+    run's own generator. take() makes no decision on the host, so a CUDA graph can replay it."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int) -> None:
-        self.images, self.batch_size = images, batch_size
+    def __init__(self, images: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        self.images, self.batch_size, self.generator = images, batch_size, generator
         self.per_epoch = len(images) // batch_size  # the incomplete last batch is dropped
-        self.order: torch.Tensor | None = None
-        self.pos = self.per_epoch
+        device = images.device
+        self.order = torch.zeros(self.per_epoch, batch_size, dtype=torch.long, device=device)
+        self.pos = self.per_epoch  # minibatches taken from this epoch's order: none left
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # pos, on the device
 
-    def next(self) -> torch.Tensor:
-        """The next minibatch, [batch_size, 1, 28, 28]."""
+    def left(self) -> int:
+        """Minibatches left in this epoch, after starting a new epoch if this one is used up."""
         if self.pos == self.per_epoch:
-            perm = torch.randperm(len(self.images), device=self.images.device)
-            self.order = perm[: self.per_epoch * self.batch_size].view(self.per_epoch, -1)
+            perm = torch.randperm(
+                len(self.images), generator=self.generator, device=self.images.device
+            )
+            self.order.copy_(perm[: self.per_epoch * self.batch_size].view(self.per_epoch, -1))
             self.pos = 0
-        assert self.order is not None
+            self.index.zero_()
+        return self.per_epoch - self.pos
+
+    def take(self) -> torch.Tensor:
+        """The next minibatch of this epoch, [batch_size, 1, 28, 28]."""
+        x = self.images[self.order.index_select(0, self.index).view(-1)]
+        self.index += 1
         self.pos += 1
-        return self.images[self.order[self.pos - 1]]
+        return x
 
     def state(self) -> dict:
-        """The current epoch's permutation and the position in it."""
-        return {"order": None if self.order is None else self.order.cpu(), "pos": self.pos}
+        """The current epoch's order and the position in it."""
+        return {"order": self.order.to("cpu", copy=True), "pos": self.pos}
 
     def load_state(self, state: dict) -> None:
-        """Continue from a state() taken earlier."""
-        self.order = None if state["order"] is None else state["order"].to(self.images.device)
+        """Continue from a state() taken earlier (in place: a captured graph keeps working)."""
+        self.order.copy_(state["order"])
         self.pos = state["pos"]
+        self.index.fill_(self.pos)
 
 
 # ================================================================================ model
 def build_vae(latent_dim: int, hidden_size: int = HIDDEN_SIZE, init_std: float = INIT_STD) -> VAE:
-    """The paper's MLP VAE (appendix C) on the CPU, every parameter drawn from N(0, init_std^2)."""
+    """The paper's MLP VAE (appendix C) on the CPU, every parameter drawn from N(0, init_std^2)
+    by torch's global generator."""
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden_size), nn.Tanh())
     decoder = nn.Sequential(
         nn.Linear(latent_dim, hidden_size),
@@ -328,20 +422,29 @@ def encoder_parameters(vae: VAE) -> list[nn.Parameter]:
 
 
 # ================================================================================ ELBO evaluator
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's global generators (the CPU's, and `device`'s if CUDA) seeded with `seed` inside
+    the block and restored after it, so that noise drawn there leaves every other stream as
+    it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        yield
+
+
 @torch.inference_mode()
 def evaluate_elbo(
     vae: VAE, images: torch.Tensor, seed: int = SEED, batch_size: int = EVAL_BATCH_SIZE
 ) -> dict[str, float]:
     """Average per-datapoint ELBO (nats) over `images`, with its log-likelihood and KL parts.
 
-    One z sample per datapoint (MC_SAMPLES), drawn from a generator seeded with `seed`, so
-    that every evaluation point scores its model with the same noise and the training random
-    stream is left untouched.
+    One z sample per datapoint (MC_SAMPLES), drawn with `seed`, so that every evaluation point
+    scores its model with the same noise.
     """
-    device = images.device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    totals = torch.zeros(3, dtype=torch.float64, device=images.device)
+    with seeded(seed, images.device):
         for x in images.split(batch_size):
             d = vae.compute_loss(x, vae(x, S=MC_SAMPLES), likelihood="bernoulli").diagnostics
             parts = torch.stack([d["elbo"], d["log_likelihood"], d["kl_divergence"]])
@@ -356,13 +459,12 @@ def estimate_log_px(vae: VAE, images: torch.Tensor, k: int = IW_SAMPLES, seed: i
     2015): log of the mean over K draws z ~ q(z|x) of p(x|z) p(z) / q(z|x), per image.
 
     A lower bound that tightens as K grows (K = 1 gives the ELBO in expectation). Log-weights
-    are summed with logsumexp in float64; the noise comes from a generator seeded with `seed`.
+    are summed with logsumexp in float64; the noise is drawn with `seed`.
     """
     device = images.device
     total = torch.zeros((), dtype=torch.float64, device=device)
     per_pass = max(1, IW_DECODES_PER_PASS // k)  # images per pass: K decodes of each
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(seed, device):
         for x in images.split(per_pass):
             x = x.flatten(1)
             mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
@@ -377,10 +479,8 @@ def estimate_log_px(vae: VAE, images: torch.Tensor, k: int = IW_SAMPLES, seed: i
 
 def evaluate_point(vae: VAE, data: Data, seed: int) -> dict[str, float]:
     """The ELBO and its parts on the whole training and test sets, as one evaluation record."""
-    train, test = (
-        evaluate_elbo(vae, data.train_eval, seed),
-        evaluate_elbo(vae, data.test_eval, seed),
-    )
+    train = evaluate_elbo(vae, data.train_eval, seed)
+    test = evaluate_elbo(vae, data.test_eval, seed)
     return {
         "train_elbo": train["elbo"],
         "test_elbo": test["elbo"],
@@ -391,7 +491,7 @@ def evaluate_point(vae: VAE, data: Data, seed: int) -> dict[str, float]:
     }
 
 
-# ================================================================================ training
+# ================================================================================ training steps
 def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[torch.optim.Adagrad]:
     """Adagrad with the prior's weight decay: one for AEVB, decoder and encoder apart for WS."""
     if method == "aevb":
@@ -402,11 +502,12 @@ def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[torch
     return [torch.optim.Adagrad(g, lr=lr, weight_decay=WEIGHT_DECAY, **kwargs) for g in groups]
 
 
-def reparameterise(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+def reparameterise(mu: torch.Tensor, log_var: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """z = mu + sigma * eps with eps ~ N(0, I): MC_SAMPLES draws per datapoint, [B * L, N_z]."""
+    shape = (len(mu), MC_SAMPLES, mu.shape[-1]) if MC_SAMPLES > 1 else mu.shape
+    eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
     if MC_SAMPLES == 1:
-        return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
-    eps = torch.randn(len(mu), MC_SAMPLES, mu.shape[-1], device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * log_var) * eps
     return (mu.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps).flatten(0, 1)
 
 
@@ -424,7 +525,12 @@ def kl_to_prior(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()
 
 
-def aevb_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
+def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(log_var))) summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + log_var + (z - mu).pow(2) * torch.exp(-log_var)).sum(-1)
+
+
+def aevb_loss(vae: VAE, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """-ELBO per datapoint of minibatch x by the SGVB estimator B: closed-form KL, L z draws.
 
     The same objective as pyautoencoder's `VAE.compute_loss` (a test holds them equal), taken
@@ -432,24 +538,28 @@ def aevb_loss(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     dimension and diagnostics, which cost time at every step.
     """
     mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
-    z = reparameterise(mu, log_var)
+    z = reparameterise(mu, log_var, gen)
     return (neg_log_px_given_z(vae, z, x) + kl_to_prior(mu, log_var)) / len(x)
 
 
-def aevb_step(vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor) -> torch.Tensor:
+def aevb_step(
+    vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
     """One AEVB step on minibatch x: Adagrad on encoder and decoder together; returns -ELBO."""
     (opt,) = opts
     opt.zero_grad(set_to_none=True)
-    loss = aevb_loss(vae, x)
+    loss = aevb_loss(vae, x, gen)
     loss.backward()
     opt.step()
     return loss.detach()
 
 
-def wake_step(vae: VAE, opt: torch.optim.Adagrad, x: torch.Tensor) -> torch.Tensor:
+def wake_step(
+    vae: VAE, opt: torch.optim.Adagrad, x: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
     """Wake phase: z ~ q(z|x) held fixed, the decoder climbs log p(x|z); returns -log p(x|z)."""
     with torch.no_grad():
-        z = reparameterise(*vae.sampling_layer.get_params(vae.encoder(x)))
+        z = reparameterise(*vae.sampling_layer.get_params(vae.encoder(x)), gen)
     loss = neg_log_px_given_z(vae, z, x) / len(x)  # per datapoint
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -457,11 +567,14 @@ def wake_step(vae: VAE, opt: torch.optim.Adagrad, x: torch.Tensor) -> torch.Tens
     return loss.detach()
 
 
-def sleep_step(vae: VAE, opt: torch.optim.Adagrad, batch_size: int) -> torch.Tensor:
+def sleep_step(
+    vae: VAE, opt: torch.optim.Adagrad, batch_size: int, gen: torch.Generator
+) -> torch.Tensor:
     """Sleep phase: a fantasy (z, x) from the generative model, the encoder climbs log q(z|x)."""
+    device = next(vae.parameters()).device
     with torch.no_grad():
-        z = torch.randn(batch_size, vae.latent_dim, device=next(vae.parameters()).device)
-        x = torch.bernoulli(torch.sigmoid(vae.decoder(z)))
+        z = torch.randn(batch_size, vae.latent_dim, generator=gen, device=device)
+        x = torch.bernoulli(torch.sigmoid(vae.decoder(z)), generator=gen)
     mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
     loss = -gaussian_log_density(z, mu, log_var).mean()
     opt.zero_grad(set_to_none=True)
@@ -470,37 +583,19 @@ def sleep_step(vae: VAE, opt: torch.optim.Adagrad, batch_size: int) -> torch.Ten
     return loss.detach()
 
 
-def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(log_var))) summed over the last dimension."""
-    return -0.5 * (math.log(2 * math.pi) + log_var + (z - mu).pow(2) * torch.exp(-log_var)).sum(-1)
-
-
-def wake_sleep_step(vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor) -> torch.Tensor:
+def wake_sleep_step(
+    vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
     """One wake-sleep step on minibatch x (decoder, then encoder); returns the summed losses."""
     dec_opt, enc_opt = opts
-    return wake_step(vae, dec_opt, x) + sleep_step(vae, enc_opt, len(x))
+    return wake_step(vae, dec_opt, x, gen) + sleep_step(vae, enc_opt, len(x), gen)
 
 
-Step = Callable[[torch.Tensor], torch.Tensor]  # one training step on a minibatch; returns its loss
-STEPS: dict[str, Callable[[VAE, list[torch.optim.Adagrad], torch.Tensor], torch.Tensor]] = {
-    "aevb": aevb_step,
-    "wake-sleep": wake_sleep_step,
-}
+Step = Callable[[VAE, list[torch.optim.Adagrad], torch.Tensor, torch.Generator], torch.Tensor]
+STEPS: dict[str, Step] = {"aevb": aevb_step, "wake-sleep": wake_sleep_step}  # by method
 
 
-def make_step(
-    method: str, vae: VAE, lr: float, device: torch.device, compile_step: bool
-) -> tuple[Step, list[torch.optim.Adagrad]]:
-    """The training step for `method` (compiled when asked) and the optimisers it updates."""
-    opts = make_optimizers(vae, method, lr, fused=device.type == "cpu" and not compile_step)
-    step_fn = STEPS[method]
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        return step_fn(vae, opts, x)
-
-    return (compiled_step(step, vae, opts) if compile_step else step), opts
-
-
+# ================================================================================ the runs
 def eval_schedule(
     target: int,
     batch_size: int = BATCH_SIZE,
@@ -541,92 +636,86 @@ class RunKey(NamedTuple):
         seed = f"_seed{self.seed_index}" if self.seed_index else ""
         return f"{self.method}_nz{self.latent_dim}{seed}"
 
+    @classmethod
+    def of(cls, record: dict) -> RunKey:
+        """The key of a run record."""
+        return cls(record["method"], record["latent_dim"], record["seed_index"])
+
+
+def runs_of(cfg: Config) -> list[RunKey]:
+    """The runs of a configuration, in figure order."""
+    return [RunKey(m, d, i) for m in cfg.methods for d in cfg.latent_dims for i in range(cfg.seeds)]
+
 
 def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -> int:
     """A run's own seed, derived from (seed, method, N_z, seed index) so that no run depends on
-    another; the first seed of a setting keeps the derivation of runs made before --seeds."""
+    another (the first seed of a setting leaves the index out of the derivation)."""
     text = f"{seed}/{method}/{latent_dim}" + f"/{seed_index}" * bool(seed_index)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch's generators (CPU and every CUDA device): training draws all its noise there."""
-    torch.manual_seed(seed)
+def log(message: str) -> None:
+    """Print one line of ours at once, without breaking the progress bars."""
+    tqdm.write(message)
+    sys.stdout.flush()
 
 
-def train_until(
-    target: int, samples: int, step: Step, batches: Batches, binarize: bool
-) -> tuple[int, torch.Tensor]:
-    """Draw minibatches and step until `target` samples (or a stop request); (samples, loss)."""
-    loss = torch.zeros(())
-    while samples < target and not STOP_REQUEST:
-        x = batches.next()
-        loss = step(torch.bernoulli(x) if binarize else x)
-        samples += batches.batch_size
-    return samples, loss
+@dataclass
+class Clock:
+    """Wall seconds a run has trained, across stops and resumes."""
+
+    before: float = 0.0  # seconds trained by earlier processes
+    start: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        """Seconds trained so far."""
+        return self.before + time.perf_counter() - self.start
 
 
-def train_run(
-    key: RunKey,
-    cfg: Config,
-    data: Data,
-    device: torch.device,
-    on_eval: Callable[[dict], None],
-    progress: bool = True,
-    store: Checkpoints | None = None,
-    threads: int | None = None,
-) -> dict:
-    """Train one run (method, N_z, seed), evaluating it along the schedule; returns its record.
+@dataclass
+class Run:
+    """One run in flight: its record (what its run file holds), its model and optimisers, its
+    minibatches and the generator of all its training noise, and how far it has trained."""
 
-    `on_eval` receives the record after every evaluation, so the caller can save it at once.
-    With a checkpoint store the run continues from its checkpoint if there is one, writes one
-    at every evaluation and on a stop request, and drops it when the run is done. `threads`:
-    CPU threads for this run (None: as set now).
-    """
-    keeper = RunKeeper(key, cfg, device, store, progress, threads)
-    run = keeper.begin(keeper.record or new_run_record(key, cfg, data, device))
-    seed_everything(run["seed"])
-    vae = build_vae(key.latent_dim, cfg.hidden_size).to(device)
-    step, opts = make_step(key.method, vae, run["lr"], device, run["compiled"])
-    batches = Batches(data.train, cfg.batch_size)
-    samples = keeper.restore(vae, opts, batches)  # 0, or where its checkpoint stopped
-    for point in [p for p in schedule_of(cfg) if p > samples]:
-        samples, loss = train_until(point, samples, step, batches, cfg.binarize)
-        if samples == point:  # an evaluation point: score the model on both whole sets
-            e = {"samples": samples, **evaluate_point(vae, data, cfg.seed)}
-            if not all(math.isfinite(v) for v in [*e.values(), float(loss)]):
-                run["status"], run["diverged_at"] = "diverged", samples
-                keeper.warn_diverged(samples)
-                keeper.keep_model(run, samples)  # its last good state, marked as diverged
-                break
-            run["evals"].append(e | {"wall_seconds": keeper.elapsed()})
-            keeper.show(run["evals"][-1])
-        if STOP_REQUEST:
-            run["status"] = "interrupted"
-        keeper.save(run, samples)  # before the JSON: a kill in between loses nothing
-        on_eval(run)
-        if STOP_REQUEST:
-            keeper.close()
-            raise Interrupted(128 + STOP_REQUEST[0])
-    else:  # trained to the end: estimate log p(x), keep the model
-        k = cfg.iw_samples
-        run["log_px"] = {"test": estimate_log_px(vae, data.test_eval, k, cfg.seed), "k": k}
-        run["status"] = "done"
-        keeper.keep_model(run, samples, vae)
-        keeper.remove()
-    keeper.close()
-    on_eval(run)
-    return run
+    key: RunKey
+    record: dict
+    vae: VAE
+    opts: list[torch.optim.Adagrad]
+    batches: Batches
+    gen: torch.Generator
+    step: Callable[[], torch.Tensor]  # one training step on the next minibatch; returns its loss
+    samples: int = 0
+    loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # of its latest step
+    clock: Clock = field(default_factory=lambda: Clock())
+
+    @property
+    def status(self) -> str:
+        """ "running", "interrupted", "done", "diverged" or "failed"."""
+        return self.record["status"]
 
 
-def new_run_record(key: RunKey, cfg: Config, data: Data, device: torch.device) -> dict:
-    """A fresh run's record: its derived seed and its step size (chosen by pilots if "auto")."""
-    run = pending_run(key) | {"seed": setting_seed(cfg.seed, *key), "status": "running"}
-    if cfg.lr == "auto":
-        run["lr"], run["lr_pilot_scores"] = pick_lr(key, cfg, data, device)
+def new_run(key: RunKey, record: dict, cfg: Config, data: Data, device: torch.device) -> Run:
+    """The run of `record` at its start: the model initialised from its seed, its optimisers,
+    its minibatches and training step, all its noise drawn by one generator of its own."""
+    seed = record["seed"]
+    with seeded(seed, torch.device("cpu")):
+        vae = build_vae(key.latent_dim, cfg.hidden_size).to(device)
+        after_init = torch.get_rng_state()
+    gen = torch.Generator(device)
+    if device.type == "cpu":  # the CPU's training noise goes on from where the init stopped
+        gen.set_state(after_init)
     else:
-        run["lr"] = float(cfg.lr)
-    return run
+        gen.manual_seed(seed)
+    fused = device.type == "cpu" and not record["compiled"]  # torch.compile takes foreach
+    opts = make_optimizers(vae, key.method, record["lr"], fused)
+    batches = Batches(data.train, cfg.batch_size, gen)
+    method_step, binarize = STEPS[key.method], cfg.binarize
+
+    def step() -> torch.Tensor:
+        x = batches.take()
+        return method_step(vae, opts, torch.bernoulli(x, generator=gen) if binarize else x, gen)
+
+    return Run(key, record, vae, opts, batches, gen, step)
 
 
 def pick_lr(
@@ -634,21 +723,89 @@ def pick_lr(
 ) -> tuple[float, dict[str, float | None]]:
     """The paper's step-size choice: the candidate whose short pilot scores the best train ELBO."""
     scores: dict[str, float | None] = {}  # None: the pilot diverged (scored worst)
+    pilot_end = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)[-1]
     for lr in LR_CANDIDATES:
-        seed_everything(setting_seed(cfg.seed, *key))
-        vae = build_vae(key.latent_dim, cfg.hidden_size).to(device)
-        step, _ = make_step(key.method, vae, lr, device, compile_step=False)
-        pilot = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)[-1]
-        _, loss = train_until(pilot, 0, step, Batches(data.train, cfg.batch_size), cfg.binarize)
-        if STOP_REQUEST:
+        record = {"seed": setting_seed(cfg.seed, *key), "lr": lr, "compiled": False}
+        pilot = new_run(key, record, cfg, data, device)
+        if not advance_eagerly([pilot], pilot_end):
             raise Interrupted(128 + STOP_REQUEST[0])
-        finite = bool(torch.isfinite(loss))
-        score = evaluate_elbo(vae, data.train_eval, cfg.seed)["elbo"] if finite else math.nan
+        finite = bool(torch.isfinite(pilot.loss))
+        score = evaluate_elbo(pilot.vae, data.train_eval, cfg.seed)["elbo"] if finite else math.nan
         scores[repr(lr)] = score if math.isfinite(score) else None
-        log(f"[{key.name}] pilot lr {lr}: train ELBO {score:.3f} after {pilot:,} samples")
+        log(f"[{key.name}] pilot lr {lr}: train ELBO {score:.3f} after {pilot_end:,} samples")
     best = max(LR_CANDIDATES, key=lambda lr: -math.inf if (s := scores[repr(lr)]) is None else s)
     log(f"[{key.name}] chose lr {best}")
     return best, scores
+
+
+STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
+
+
+class Interrupted(BaseException):
+    """Training stopped on request (Ctrl-C or SIGTERM); `code` is the exit status, 128 + signal."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def advance_eagerly(runs: list[Run], target: int) -> bool:
+    """Train each run, one step after another, until it has seen `target` samples; False if a
+    stop request came first (the runs then stand where they stopped)."""
+    for run in runs:
+        while run.samples < target and not STOP_REQUEST:
+            run.batches.left()  # a new epoch's order when this one is used up
+            run.loss = run.step()
+            run.samples += run.batches.batch_size
+    return not STOP_REQUEST
+
+
+Advance = Callable[[list[Run], int], bool]  # advance_eagerly, or CudaGraphs.advance
+Keep = Callable[[Run], None]  # what keeping a run means where it trains (see Keeper)
+
+
+def train(runs: list[Run], cfg: Config, data: Data, advance: Advance, keep: Keep) -> bool:
+    """The experiment: from one evaluation point to the next, advance every run in flight to
+    it, score it on the whole training and test sets, keep it; a run at its last point gets
+    its log p(x) estimate. Returns False if a stop request cut training short."""
+    end = schedule_of(cfg)[-1]
+    for point in schedule_of(cfg):
+        in_flight = [run for run in runs if run.status == "running" and run.samples < point]
+        if not in_flight:
+            continue
+        stopped = not advance(in_flight, point)
+        for run in in_flight:
+            if run.samples == point:  # not cut short by a stop request
+                score(run, evaluate_point(run.vae, data, cfg.seed))
+            if run.status == "running" and run.samples == end:
+                k = cfg.iw_samples
+                run.record["log_px"] = {
+                    "test": estimate_log_px(run.vae, data.test_eval, k, cfg.seed),
+                    "k": k,
+                }
+                run.record["status"] = "done"
+            elif run.status == "running" and stopped:
+                run.record["status"] = "interrupted"
+            keep(run)
+        if stopped:
+            return False
+    return True
+
+
+def score(run: Run, evaluation: dict[str, float]) -> None:
+    """Add an evaluation to the run's record, or mark the run diverged when it, or the loss of
+    the run's latest step, is not finite."""
+    if all(math.isfinite(v) for v in [*evaluation.values(), float(run.loss)]):
+        run.record["evals"].append(
+            {"samples": run.samples, **evaluation, "wall_seconds": run.clock.seconds()}
+        )
+    else:
+        run.record["status"], run.record["diverged_at"] = "diverged", run.samples
+
+
+def pending_record(key: RunKey) -> dict:
+    """The record of a run that no process has started."""
+    return {**key._asdict(), "status": "pending", "evals": []}
 
 
 # ================================================================================ figure
@@ -778,143 +935,66 @@ def show_strip(ax: Any, images: torch.Tensor, title: str) -> None:
 
 
 # ################################################################################################
-# MACHINERY: everything below serves long runs (stopping and resuming, checkpoints, worker
-# processes, the compiled step, the benchmark, the command line). The experiment is above.
+# MACHINERY: everything below serves long runs (stopping and resuming, checkpoints, results
+# files and locks, CUDA graphs, worker processes, the time estimate, the benchmark, the command
+# line). The experiment is above; main() at the end chains the two.
 # ################################################################################################
 
 
-def log(message: str) -> None:
-    """Print one line of ours at once, without breaking the progress bars."""
-    tqdm.write(message)
-    sys.stdout.flush()
-
-
 # -------------------------------------------------------------------------------- stop requests
-STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
-
-
 def request_stop(signum: int, frame: object) -> None:
     """Signal handler: stop after the current step (further signals change nothing)."""
     if not STOP_REQUEST:
         STOP_REQUEST.append(signum)
 
 
-class Interrupted(BaseException):
-    """Training stopped on request (Ctrl-C or SIGTERM); `code` is the exit status, 128 + signal."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-# -------------------------------------------------------------------------------- data files
-def raw_folder(data_dir: str) -> str:
-    """The folder where torchvision keeps the uncompressed MNIST files."""
-    return os.path.join(data_dir, "MNIST", "raw")
+@contextlib.contextmanager
+def stop_requests() -> Iterator[None]:
+    """Ctrl-C and SIGTERM become stop requests inside the block."""
+    STOP_REQUEST.clear()
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
-def check_idx_file(path: str) -> None:
-    """Raise DataError unless `path` is a complete IDX file of unsigned bytes."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-        ndim = head[3] if len(head) == 4 else 0
-        dims_raw = f.read(4 * ndim)
-    if (
-        len(head) < 4
-        or head[:3] != b"\x00\x00\x08"
-        or not 1 <= ndim <= 3
-        or len(dims_raw) < 4 * ndim
-    ):
-        raise DataError(
-            f"{path} is not an IDX file of unsigned bytes (bad header): "
-            "replace it with the original MNIST file"
-        )
-    dims = struct.unpack(f">{ndim}I", dims_raw)
-    expected, actual = 4 + 4 * ndim + math.prod(dims), os.path.getsize(path)
-    if actual != expected:
-        raise DataError(
-            f"{path} is truncated or malformed: {actual} bytes where its header {list(dims)} "
-            f"needs {expected}; replace it with the original MNIST file"
-        )
+def stop_if_requested() -> None:
+    """Raise Interrupted if a stop request came."""
+    if STOP_REQUEST:
+        raise Interrupted(128 + STOP_REQUEST[0])
 
 
-def ensure_mnist(data_dir: str, download: bool = True) -> None:
-    """Make sure the four raw MNIST files are under `data_dir`, downloading them if allowed."""
-    folder = raw_folder(data_dir)
-    names = [name for pair in MNIST_FILES.values() for name in pair]
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-    if not missing:
-        return
-    reason = "downloading is off"
-    if download:
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            quiet = io.StringIO()
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                torchvision.datasets.MNIST(data_dir, train=True, download=True)
-            return
-        except Exception as exc:  # noqa: BLE001 (any download failure becomes one readable line)
-            first = str(exc).strip().splitlines()
-            reason = f"the download failed ({type(exc).__name__}: {first[-1] if first else exc})"
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-    raise DataError(
-        f"MNIST not found: {os.path.abspath(folder)} lacks {', '.join(missing)} and {reason}. "
-        f"Put the four files {', '.join(names)} in MNIST/raw/ under a folder and pass it "
-        "with --data-dir"
-    )
+# -------------------------------------------------------------------------------- run settings
+def resolve_device(name: str) -> torch.device:
+    """The torch device for "auto", "cpu" or "cuda", set up for float32 throughout."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    # No TF32: the matrix products keep float32's 24-bit mantissa (TF32 keeps 11), so the
+    # numbers stay those of the paper's float model on every device.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device(name)
 
 
-def sha256_of(t: torch.Tensor) -> str:
-    """SHA-256 of a uint8 tensor's bytes, as ../shared/mnist/README.md lists them."""
-    return hashlib.sha256(t.to(torch.uint8).numpy().tobytes()).hexdigest()
+def cpu_count() -> int:
+    """CPU cores this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
-def files_digest(data_dir: str) -> str:
-    """SHA-256 of the four raw MNIST files, in a fixed order."""
-    h = hashlib.sha256()
-    for name in (n for pair in MNIST_FILES.values() for n in pair):
-        with open(os.path.join(raw_folder(data_dir), name), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()
+def in_workers(cfg: Config, device: torch.device, todo: list[RunKey]) -> bool:
+    """Whether the runs train in worker processes (CPU, --jobs above 1, several runs) rather
+    than all in flight in this process."""
+    return device.type == "cpu" and cfg.jobs > 1 and len(todo) > 1
 
 
-# -------------------------------------------------------------------------------- compiled step
-def compiled_step(step: Step, vae: VAE, opts: list[torch.optim.Adagrad]) -> Step:
-    """`step` under torch.compile; if compiling fails, a one-line notice and the eager step."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fallback_random = True  # eager's random numbers, from the same generator
-    compiled = torch.compile(step)
-    state: dict[str, Step] = {}
-
-    def first_call(x: torch.Tensor) -> torch.Tensor:
-        params = [p.detach().clone() for p in vae.parameters()]
-        opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
-        rng = rng_state(x.device)
-        try:
-            out = compiled(x)
-            state["fn"] = compiled
-            return out
-        except Exception as exc:  # noqa: BLE001 (a compiler problem must never end the run)
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            log(
-                f"notice: torch.compile failed ({type(exc).__name__}: {first_line}); "
-                "training eagerly instead"
-            )
-            with torch.no_grad():  # undo whatever part of the step ran
-                for p, saved in zip(vae.parameters(), params, strict=True):
-                    p.copy_(saved)
-                    p.grad = None
-            for o, saved in zip(opts, opt_states, strict=True):
-                o.load_state_dict(saved)
-            set_rng_state(rng, x.device)
-            state["fn"] = step
-            return step(x)
-
-    state["fn"] = first_call
-    return lambda x: state["fn"](x)
+def threads_for(cfg: Config, in_flight: int) -> int:
+    """CPU threads for a process that starts now: --threads, or the cores shared among the
+    processes that will be in flight with it (so a lone one gets every core)."""
+    return cfg.threads or max(1, cpu_count() // max(1, in_flight))
 
 
 def use_compile(cfg: Config, threads: int, device: torch.device) -> bool:
@@ -928,20 +1008,177 @@ def use_compile(cfg: Config, threads: int, device: torch.device) -> bool:
     return cfg.samples >= COMPILE_MIN_SAMPLES and (device.type == "cuda" or threads > 1)
 
 
-# -------------------------------------------------------------------------------- checkpoints
-def rng_state(device: torch.device) -> dict:
-    """Torch's CPU (and CUDA, when used) generator states: all the noise training draws."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
+def quiet_third_party() -> None:
+    """Silence, at their source, third-party notices that say nothing to our user."""
+    # "No CUDA runtime is found, using CUDA_HOME=..." when inductor compiles on a CPU machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # "Profiler record function ... will be ignored": dynamo tracing the optimiser's step
+    for name in ("torch._dynamo.variables.ctx_manager", "torch._dynamo.variables.torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # inductor on a GPU with TF32 left off on purpose (see resolve_device)
+    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
 
 
-def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore what rng_state() took."""
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+# -------------------------------------------------------------------------------- run state
+def run_state(run: Run) -> dict:
+    """A copy of everything the run needs to go on exactly as it would have: its record,
+    samples, clock, model, optimisers, minibatch order and generator."""
+    return {
+        "run": copy.deepcopy(run.record),
+        "samples": run.samples,
+        "wall_seconds": run.clock.seconds(),
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in run.vae.state_dict().items()},
+        "optimizers": [copy.deepcopy(opt.state_dict()) for opt in run.opts],
+        "batches": run.batches.state(),
+        "generator": run.gen.get_state(),
+    }
 
 
+def load_run_state(run: Run, state: dict) -> None:
+    """Put the run back where run_state() found it, in place (a captured graph keeps working)."""
+    run.vae.load_state_dict(state["model"])
+    for opt, saved in zip(run.opts, state["optimizers"], strict=True):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            for name, value in saved["state"][i].items():
+                opt.state[p][name].copy_(value)
+    run.batches.load_state(state["batches"])
+    run.gen.set_state(state["generator"])
+    run.samples, run.clock = state["samples"], Clock(state["wall_seconds"])
+
+
+def start_run(
+    key: RunKey, cfg: Config, data: Data, device: torch.device, checkpoint: dict | None
+) -> Run:
+    """A run ready to train: new (its step size picked by pilots with --lr auto), or where its
+    checkpoint stopped; its threads and step mode recorded (a resumed run keeps its mode)."""
+    threads = torch.get_num_threads()
+    if checkpoint:
+        record = checkpoint["run"] | {"status": "running", "threads": threads}
+    else:
+        seed = setting_seed(cfg.seed, *key)
+        record = pending_record(key) | {"status": "running", "seed": seed, "threads": threads}
+        if cfg.lr == "auto":
+            record["lr"], record["lr_pilot_scores"] = pick_lr(key, cfg, data, device)
+            stop_if_requested()
+        else:
+            record["lr"] = cfg.lr
+        record["compiled"] = use_compile(cfg, threads, device)
+    run = new_run(key, record, cfg, data, device)
+    if checkpoint:
+        load_run_state(run, checkpoint)
+    where = f"{threads} thread{'s' * (threads > 1)}" if device.type == "cpu" else str(device)
+    mode = "compiled" if record["compiled"] else "eager"
+    log(f"[{key.name}] training on {where}, {mode} step")
+    if checkpoint:
+        log(f"[{key.name}] resumed from its checkpoint at {run.samples:,} samples")
+    if record["compiled"]:
+        run.step = compiled_step(run)
+    return run
+
+
+def compiled_step(run: Run) -> Callable[[], torch.Tensor]:
+    """The run's step under torch.compile; if compiling fails, a one-line notice and the eager
+    step from where the run stood."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True  # eager's random numbers, from the same generator
+    eager, compiled = run.step, torch.compile(run.step)
+
+    def first_call() -> torch.Tensor:
+        saved = run_state(run)
+        try:
+            loss = compiled()
+            run.step = compiled
+        except Exception as exc:  # noqa: BLE001 (a compiler problem must never end the run)
+            log(f"notice: torch.compile failed ({one_line(exc)}); training eagerly instead")
+            load_run_state(run, saved)  # undo whatever part of the step ran
+            run.step = eager
+            loss = eager()
+        return loss
+
+    return first_call
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as 'Type: first line of its message'."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+# -------------------------------------------------------------------------------- CUDA graphs
+class CudaGraphs:
+    """Advances runs on a GPU: each run's training steps captured once as CUDA graphs (of
+    GRAPH_STEPS steps and of one step) and replayed on the run's own stream, the runs side by
+    side, with no host synchronisation until the target. Each graph draws from the run's own
+    generator, so a run's numbers do not depend on the runs beside it. A run whose capture
+    fails says so in one line and trains eagerly.
+
+    Adagrad's step counters live on the CPU and do not advance in a replay; with no step-size
+    decay (the paper's Adagrad) nothing reads them.
+    """
+
+    def __init__(self, steps: int = GRAPH_STEPS) -> None:
+        self.steps = steps
+        self.graphs: dict[int, tuple[torch.cuda.Stream, dict[int, Any], dict[int, Any]] | None]
+        self.graphs = {}
+
+    def advance(self, runs: list[Run], target: int) -> bool:
+        """advance_eagerly's contract: every run to `target` samples unless a stop request."""
+        for run in runs:
+            if id(run) not in self.graphs:
+                self.graphs[id(run)] = self.capture(run)
+        graphed = [run for run in runs if self.graphs[id(run)] is not None]
+        while not STOP_REQUEST and (moving := [r for r in graphed if r.samples < target]):
+            for run in moving:
+                stream, graphs, losses = self.graphs[id(run)]  # type: ignore[misc]
+                with torch.cuda.stream(stream):
+                    steps = min(
+                        (target - run.samples) // run.batches.batch_size, run.batches.left()
+                    )
+                    n = self.steps if steps >= self.steps else 1
+                    graphs[n].replay()
+                run.batches.pos += n  # the graph moved the device's count, not the host's
+                run.samples += n * run.batches.batch_size
+                run.loss = losses[n]
+        for run in graphed:
+            torch.cuda.current_stream().wait_stream(self.graphs[id(run)][0])  # type: ignore[index]
+        return advance_eagerly([r for r in runs if self.graphs[id(r)] is None], target)
+
+    def capture(self, run: Run) -> tuple[torch.cuda.Stream, dict[int, Any], dict[int, Any]] | None:
+        """The run's stream, graphs and their loss outputs by steps per replay; None (and a
+        notice) if capturing fails. The warm-up steps before capture are undone."""
+        saved = run_state(run)
+        stream = torch.cuda.Stream()
+        try:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # lazy initialisation (and compiling) happen outside capture
+                    run.batches.left()
+                    run.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            load_run_state(run, saved)
+            run.batches.left()  # a capture must not start a new epoch
+            graphs, losses = {}, {}
+            for n in (self.steps, 1):
+                graph = torch.cuda.CUDAGraph()
+                graph.register_generator_state(run.gen)
+                with torch.cuda.graph(graph, stream=stream):
+                    for _ in range(n):
+                        loss = run.step()
+                graphs[n], losses[n] = graph, loss
+            load_run_state(run, saved)  # the host's minibatch count, moved by the capture
+            return stream, graphs, losses
+        except Exception as exc:  # noqa: BLE001 (a capture problem must never end the run)
+            log(
+                f"notice: [{run.key.name}] CUDA graph capture failed ({one_line(exc)}); eager steps"
+            )
+            torch.cuda.synchronize()
+            load_run_state(run, saved)
+            return None
+
+
+# -------------------------------------------------------------------------------- files
 def write_atomic(path: str, write: Callable[[io.BufferedWriter], object]) -> None:
     """Write a file through `write` so that a reader, or a kill, finds the old file or the new one.
 
@@ -968,26 +1205,98 @@ def write_json_atomic(obj: dict, path: str) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
+def keep_aside(path: str) -> None:
+    """Move an earlier results file or folder out of the way, time-stamped."""
+    if os.path.exists(path):
+        stem, ext = os.path.splitext(path)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+        aside = f"{stem}.{stamp}{ext}"
+        os.replace(path, aside)
+        print(f"kept {path} aside as {aside}")
+
+
+# -------------------------------------------------------------------------------- fingerprints
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, worded as one line for the user."""
+    """A run file or checkpoint that cannot be used, worded as one line for the user."""
 
 
+def fixed_constants() -> dict:
+    """The constants that change the numbers but have no flag, for results and fingerprints."""
+    return {
+        "mc_samples": MC_SAMPLES,
+        "weight_decay": WEIGHT_DECAY,
+        "init_std": INIT_STD,
+        "lr_candidates": list(LR_CANDIDATES),
+        "eval_batch_size": EVAL_BATCH_SIZE,
+    }
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of the packages that compute or draw the numbers."""
+    import pyautoencoder
+
+    packages = {"torch": torch, "torchvision": torchvision, "pyautoencoder": pyautoencoder}
+    return {name: str(p.__version__) for name, p in packages.items()} | {
+        "numpy": str(np.__version__)
+    }
+
+
+def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
+    """Everything that changes a run's numbers: settings, constants, data and package versions."""
+    settings = ("samples", "eval_start", "evals_per_decade", "lr", "lr_pilot_samples")
+    settings += ("batch_size", "hidden_size", "binarize", "seed", "threads")
+    return {
+        **{name: getattr(cfg, name) for name in settings},
+        "device": device.type,
+        "compiled": cfg.compile,  # each run records its own choice; a resumed run keeps it
+        **fixed_constants(),
+        "data_sha256": data.digest,
+        **package_versions(),
+    }
+
+
+def unreadable(what: str) -> CheckpointError:
+    """The one-line refusal of a run file or checkpoint that cannot be read."""
+    return CheckpointError(
+        f"{what} cannot be read; pass --fresh to start over (the old files are kept aside)"
+    )
+
+
+def check_settings(what: str, old: dict, new: dict) -> None:
+    """Refuse, in one line naming the differing settings, a file made with other settings."""
+    if old != new:
+        keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+        differ = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+        raise CheckpointError(
+            f"{what} was made with other settings: {differ}; pass "
+            "--fresh to start over (the old files are kept aside), or use another --out-dir"
+        )
+
+
+# -------------------------------------------------------------------------------- checkpoints
 @dataclass(frozen=True)
 class Checkpoints:
-    """One checkpoint file per (method, N_z) run in OUT_DIR/checkpoints/, tied to a fingerprint."""
+    """OUT_DIR's checkpoints (one file per unfinished run) and final models (one per finished
+    run), each tied to the fingerprint of the settings that made it."""
 
-    folder: str
+    out_dir: str
     fingerprint: dict
 
-    def path(self, key: RunKey) -> str:
-        """Where the checkpoint of one run lives."""
-        return os.path.join(self.folder, f"{key.stem}.pt")
+    @property
+    def folder(self) -> str:
+        """Where the checkpoints live."""
+        return os.path.join(self.out_dir, CHECKPOINTS_FOLDER)
 
-    def save(self, key: RunKey, state: dict) -> None:
-        """Write a checkpoint atomically."""
-        os.makedirs(self.folder, exist_ok=True)
+    def path(self, key: RunKey, folder: str = "") -> str:
+        """The checkpoint of one run (or its file in another folder)."""
+        return os.path.join(folder or self.folder, f"{key.stem}.pt")
+
+    def save(self, key: RunKey, state: dict, folder: str = "") -> None:
+        """Write a checkpoint (or, into the models folder, a final model) atomically."""
+        path = self.path(key, folder)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         payload = {"fingerprint": self.fingerprint} | state
-        write_atomic(self.path(key), lambda f: torch.save(payload, f))
+        write_atomic(path, lambda f: torch.save(payload, f))
 
     def load(self, key: RunKey) -> dict | None:
         """The run's checkpoint, or None; CheckpointError if unreadable or from other settings."""
@@ -1002,260 +1311,66 @@ class Checkpoints:
         check_settings(f"checkpoint {path}", fingerprint, self.fingerprint)
         return state
 
-    @property
-    def models(self) -> str:
-        """Where the final models go: OUT_DIR/models/."""
-        return os.path.join(os.path.dirname(os.path.abspath(self.folder)), MODELS_FOLDER)
-
-    def save_model(self, key: RunKey, payload: dict) -> None:
-        """Write a run's final model atomically, with what rebuilding it needs."""
-        os.makedirs(self.models, exist_ok=True)
-        payload = payload | {"fingerprint": self.fingerprint}
-        write_atomic(os.path.join(self.models, f"{key.stem}.pt"), lambda f: torch.save(payload, f))
+    def save_model(self, run: Run, cfg: Config) -> None:
+        """Write a run's final model to OUT_DIR/models/; a diverged run's is the last good
+        state from its checkpoint, marked as diverged (none if it diverged before one)."""
+        diverged = run.status == "diverged"
+        if diverged:
+            if (ckpt := self.load(run.key)) is None:
+                return
+            model, samples = ckpt["model"], ckpt["samples"]
+        else:
+            model = {k: v.detach().cpu() for k, v in run.vae.state_dict().items()}
+            samples = run.samples
+        about = {"hidden_size": cfg.hidden_size, "seed": run.record["seed"]}
+        about |= {"samples": samples, "diverged": diverged}
+        folder = os.path.join(self.out_dir, MODELS_FOLDER)
+        self.save(run.key, {"model": model, **run.key._asdict(), **about}, folder)
 
     def remove(self, key: RunKey) -> None:
-        """Drop a finished run's checkpoint (its evaluations are all in its run file), and the
-        checkpoint folder once it is empty."""
+        """Drop a finished run's checkpoint, and the checkpoint folder once it is empty."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(key))
         with contextlib.suppress(OSError):  # not empty: other runs still have checkpoints
             os.rmdir(self.folder)
 
 
-class RunKeeper:
-    """The machinery of one run that the training loop hooks into: checkpoint, clock, progress."""
-
-    def __init__(
-        self,
-        key: RunKey,
-        cfg: Config,
-        device: torch.device,
-        store: Checkpoints | None,
-        progress: bool,
-        threads: int | None = None,
-    ) -> None:
-        self.key, self.name, self.cfg, self.device = key, key.name, cfg, device
-        self.store, self.progress = store, progress
-        self.threads = threads or torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        self.checkpoint = store.load(key) if store else None
-        self.record = self.checkpoint["run"] | {"status": "running"} if self.checkpoint else None
-        if self.checkpoint and "compiled" not in self.record:  # made before runs recorded it
-            self.record["compiled"] = bool(self.checkpoint["fingerprint"].get("compiled"))
-        self.bar = tqdm(
-            total=schedule_of(cfg)[-1],
-            unit="samples",
-            unit_scale=True,
-            desc=self.name,
-            disable=None if progress else True,
-            mininterval=1.0,
-            leave=False,
-        )
-        self.start = time.perf_counter()
-        self.parts: tuple[VAE, list[torch.optim.Adagrad], Batches] | None = None
-
-    def begin(self, run: dict) -> dict:
-        """Record the run's threads and step mode (kept from its first start), and say them."""
-        run["threads"] = self.threads
-        run.setdefault("compiled", use_compile(self.cfg, self.threads, self.device))
-        where = str(self.device)
-        if self.device.type == "cpu":
-            where = f"{self.threads} thread{'s' * (self.threads > 1)}"
-        log(f"[{self.name}] training on {where}, {'compiled' if run['compiled'] else 'eager'} step")
-        return run
-
-    def restore(self, vae: VAE, opts: list[torch.optim.Adagrad], batches: Batches) -> int:
-        """Load the checkpoint, if any, into the run's parts; the samples it had trained."""
-        self.parts, samples, wall = (vae, opts, batches), 0, 0.0
-        if ckpt := self.checkpoint:
-            vae.load_state_dict(ckpt["model"])
-            for opt, state in zip(opts, ckpt["optimizers"], strict=True):
-                opt.load_state_dict(state)
-            batches.load_state(ckpt["batches"])
-            set_rng_state(ckpt["rng"], self.device)
-            evals = ckpt["run"]["evals"]
-            samples = ckpt["samples"]
-            wall = ckpt.get("wall_seconds", evals[-1]["wall_seconds"] if evals else 0.0)
-            log(f"[{self.name}] resumed from its checkpoint at {samples:,} samples")
-        self.bar.update(samples)
-        self.start = time.perf_counter() - wall
-        return samples
-
-    def elapsed(self) -> float:
-        """Wall seconds the run has trained, across stops and resumes."""
-        return time.perf_counter() - self.start
-
-    def show(self, e: dict) -> None:
-        """Advance the progress bar to an evaluation and print its line."""
-        self.bar.update(e["samples"] - self.bar.n)
-        self.bar.set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
-        if self.progress:
-            log(fmt_eval(self.name, e))
-
-    def save(self, run: dict, samples: int) -> None:
-        """Write the run's checkpoint (model, optimisers, data order, random state)."""
-        if self.store is None or self.parts is None:
-            return
-        vae, opts, batches = self.parts
-        self.store.save(
-            self.key,
-            {
-                "run": copy.deepcopy(run),
-                "samples": samples,
-                "wall_seconds": self.elapsed(),
-                "model": vae.state_dict(),
-                "optimizers": [o.state_dict() for o in opts],
-                "batches": batches.state(),
-                "rng": rng_state(self.device),
-            },
-        )
-
-    def keep_model(self, run: dict, samples: int, vae: VAE | None = None) -> None:
-        """Write the run's final model to OUT_DIR/models/; without `vae` (a diverged run), the
-        last good state from its checkpoint, marked as diverged."""
-        if self.store is None:
-            return
-        diverged = vae is None
-        if diverged:
-            if (ckpt := self.store.load(self.key)) is None:
-                return  # it diverged before its first evaluation: no good state to keep
-            state, samples = ckpt["model"], ckpt["samples"]
-        else:
-            state = {name: t.detach().cpu() for name, t in vae.state_dict().items()}
-        self.store.save_model(
-            self.key,
-            {
-                "model": state,
-                "method": self.key.method,
-                "latent_dim": self.key.latent_dim,
-                "seed_index": self.key.seed_index,
-                "hidden_size": self.cfg.hidden_size,
-                "seed": run["seed"],
-                "samples": samples,
-                "diverged": diverged,
-            },
-        )
-
-    def remove(self) -> None:
-        """Drop the checkpoint of a finished run."""
-        if self.store:
-            self.store.remove(self.key)
-
-    def warn_diverged(self, samples: int) -> None:
-        """Say that the run diverged and stops; its last good checkpoint stays."""
-        print(
-            f"warning: [{self.name}] diverged (non-finite loss or ELBO) at {samples:,} samples; "
-            "this run stops here, its last good checkpoint is kept",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        """Close the progress bar."""
-        self.bar.close()
+def load_models(out_dir: str) -> dict[RunKey, dict]:
+    """The final models in OUT_DIR/models/ (first seed of each setting), by run."""
+    folder = os.path.join(out_dir, MODELS_FOLDER)
+    models = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".pt"):
+            saved = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            key = RunKey.of(saved)
+            if key.seed_index == 0:
+                models[key] = saved
+    return models
 
 
-def fmt_eval(name: str, e: dict) -> str:
-    """One plain log line for an evaluation point of the run called `name`."""
-    return (
-        f"[{name}] samples {e['samples']:>11,}  "
-        f"train ELBO {e['train_elbo']:9.3f}  "
-        f"test ELBO {e['test_elbo']:9.3f}  (test log p(x|z) {e['test_log_likelihood']:9.3f}, "
-        f"KL {e['test_kl']:7.3f})  {e['wall_seconds']:8.1f} s"
-    )
+def draw_samples(out_dir: str, digits: torch.Tensor, seed: int) -> str | None:
+    """Draw the samples picture from the saved models; its path, or None without models."""
+    models = load_models(out_dir)
+    if not models:
+        return None
+    path = os.path.join(out_dir, SAMPLES_NAME)
+    plot_samples(models, digits, path, seed)
+    return path
 
 
-def fixed_constants() -> dict:
-    """The constants that change the numbers but have no flag, for results and fingerprints."""
-    return {
-        "mc_samples": MC_SAMPLES,
-        "weight_decay": WEIGHT_DECAY,
-        "init_std": INIT_STD,
-        "lr_candidates": list(LR_CANDIDATES),
-        "eval_batch_size": EVAL_BATCH_SIZE,
-    }
+# -------------------------------------------------------------------------------- results folder
+FINISHED = ("done", "diverged")  # statuses of runs that a rerun skips
 
 
-def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
-    """Everything that changes a run's numbers: settings, constants, data and package versions."""
-    import pyautoencoder
-
-    return {
-        "samples": cfg.samples,
-        "eval_start": cfg.eval_start,
-        "evals_per_decade": cfg.evals_per_decade,
-        "lr": cfg.lr,
-        "lr_pilot_samples": cfg.lr_pilot_samples,
-        "batch_size": cfg.batch_size,
-        "hidden_size": cfg.hidden_size,
-        "binarize": cfg.binarize,
-        "seed": cfg.seed,
-        "device": device.type,
-        "threads": cfg.threads,  # 0: each run gets the cores shared among the runs in flight
-        "compiled": cfg.compile,  # each run records its own choice; a resumed run keeps it
-        **fixed_constants(),
-        "data_sha256": data.digest,
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "pyautoencoder": str(pyautoencoder.__version__),
-        "numpy": str(np.__version__),
-    }
-
-
-def same_settings(old: dict, new: dict) -> bool:
-    """Whether results made under fingerprint `old` may be continued under `new`."""
-    return upgraded(old, new) == new
-
-
-def upgraded(old: dict, new: dict) -> dict:
-    """An earlier version's fingerprint in today's terms.
-
-    Before, threads and compiling were settings of the whole invocation (an int and a bool);
-    now each run chooses and records its own, so those two entries no longer tie a folder.
-    """
-    if isinstance(old.get("compiled"), bool):
-        return old | {"threads": new.get("threads"), "compiled": new.get("compiled")}
-    return old
-
-
-def unreadable(what: str) -> CheckpointError:
-    """The one-line refusal of a results file or checkpoint that cannot be read."""
-    return CheckpointError(
-        f"{what} cannot be read; pass --fresh to start over (the old files are kept aside)"
-    )
-
-
-def check_settings(what: str, old: dict, new: dict) -> None:
-    """Refuse, in one line naming the differing settings, a file made with other settings."""
-    if not same_settings(old, new):
-        raise CheckpointError(
-            f"{what} was made with other settings: {fingerprint_difference(old, new)}; pass "
-            "--fresh to start over (the old files are kept aside), or use another --out-dir"
-        )
-
-
-def fingerprint_difference(old: dict, new: dict) -> str:
-    """The settings that differ between two fingerprints, as 'name old -> new'."""
-    old = upgraded(old, new)
-    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
-    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "none"
-
-
-# -------------------------------------------------------------------------------- results file
 def environment(device: torch.device, threads: int) -> dict:
     """Versions and machine facts that a reader of the results needs."""
-    import pyautoencoder
-
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = platform.processor() or platform.machine()
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pyautoencoder": pyautoencoder.__version__,
-        "numpy": np.__version__,
+        **package_versions(),
         "matplotlib": matplotlib.__version__,
         "platform": platform.platform(),
         "device": str(device),
@@ -1267,27 +1382,10 @@ def environment(device: torch.device, threads: int) -> dict:
     }
 
 
-def results_header(cfg: Config, device: torch.device) -> dict:
-    """What the combined results say besides the runs: the config as used, the environment."""
-    config = asdict(cfg) | fixed_constants() | {"eval_schedule": schedule_of(cfg)}
-    return {"config": config, "environment": environment(device, cfg.threads)}
-
-
-def pending_run(key: RunKey) -> dict:
-    """The record of a run that no process has started."""
-    return {
-        "method": key.method,
-        "latent_dim": key.latent_dim,
-        "seed_index": key.seed_index,
-        "status": "pending",
-        "evals": [],
-    }
-
-
 def figure_order(run: dict) -> tuple[int, int, int]:
     """Sort key of a run record: methods in METHODS order, then N_z, then seed index."""
     order = METHODS.index(run["method"]) if run["method"] in METHODS else len(METHODS)
-    return order, run["latent_dim"], run.get("seed_index", 0)
+    return order, run["latent_dim"], run["seed_index"]
 
 
 class RunLock:
@@ -1340,7 +1438,7 @@ def lock_holder(path: str) -> str | None:
 @dataclass(frozen=True)
 class ResultsFolder:
     """OUT_DIR's results: one file per run under runs/, the source of truth, and the combined
-    JSON and figure, rebuilt from every run file in the folder.
+    JSON and figure, outputs rebuilt from every run file in the folder.
 
     A run's file is rewritten atomically after each evaluation by the process that trains it,
     which holds the run's lock, so invocations (or machines) that share the folder neither
@@ -1349,8 +1447,8 @@ class ResultsFolder:
 
     out_dir: str
     fingerprint: dict
-    header: dict
-    settings: tuple[RunKey, ...]  # this invocation's runs, in figure order
+    header: dict  # the config and environment of this invocation, for the combined JSON
+    keys: tuple[RunKey, ...]  # this invocation's runs, in figure order
 
     @property
     def folder(self) -> str:
@@ -1379,9 +1477,23 @@ class ResultsFolder:
         with self.exclusive():
             return lock, lock.acquire()
 
+    def claim(self, key: RunKey) -> tuple[RunLock | None, str | None]:
+        """Take a run's lock unless it has ended or another process holds it: (lock, None),
+        (None, who holds it) or (None, None) for a run that has ended."""
+        lock, holder = self.lock(key)
+        if holder:
+            log(f"[{key.name}] skipped: {holder} is training it")
+            return None, holder
+        status = self.read().get(key, pending_record(key))["status"]
+        if status in FINISHED:  # another process may have finished it meanwhile
+            lock.release()
+            log(f"[{key.name}] already {status}: skipped")
+            return None, None
+        return lock, None
+
     def read(self) -> dict[RunKey, dict]:
-        """Every run file in the folder by (method, N_z); CheckpointError for one that is
-        unreadable or was made with other settings."""
+        """Every run file in the folder by run; CheckpointError for one that is unreadable or
+        was made with other settings."""
         names = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
         runs = {}
         for name in (n for n in names if n.endswith(".json")):
@@ -1393,28 +1505,24 @@ class ResultsFolder:
             except (OSError, ValueError, KeyError, TypeError):
                 raise unreadable(path) from None
             check_settings(path, fp, self.fingerprint)
-            runs[_key(run)] = run
+            runs[RunKey.of(run)] = run
         return runs
 
     def save_run(self, run: dict) -> None:
-        """Write one run's file atomically, then rebuild the combined results (and, at most
-        every FIGURE_EVERY_S seconds, the figure)."""
-        self.write_run(run)
+        """Write one run's file atomically (its fingerprint, this process's environment, it),
+        then rebuild the combined results, and at most every FIGURE_EVERY_S s the figure."""
+        os.makedirs(self.folder, exist_ok=True)
+        saved = {"fingerprint": self.fingerprint, "environment": self.header["environment"]}
+        write_json_atomic(saved | {"run": run}, self.path(RunKey.of(run)))
         png = os.path.join(self.out_dir, FIGURE_NAME)
         stale = not os.path.exists(png) or time.time() - os.path.getmtime(png) > FIGURE_EVERY_S
         self.publish(figure=stale)
-
-    def write_run(self, run: dict) -> None:
-        """Write one run's file atomically: its fingerprint, this process's environment, it."""
-        os.makedirs(self.folder, exist_ok=True)
-        saved = {"fingerprint": self.fingerprint, "environment": self.header["environment"]}
-        write_json_atomic(saved | {"run": run}, self.path(_key(run)))
 
     def publish(self, figure: bool = True) -> dict:
         """Rebuild the combined JSON (and the figure) from all the run files; returns it."""
         with self.exclusive():
             on_disk = self.read()
-            runs = [on_disk.pop(key, pending_run(key)) for key in self.settings]
+            runs = [on_disk.pop(key, pending_record(key)) for key in self.keys]
             runs += sorted(on_disk.values(), key=figure_order)  # runs of other settings stay
             results = self.header | {"fingerprint": self.fingerprint}
             results["runs"] = [self.shown(run) for run in runs]
@@ -1425,190 +1533,197 @@ class ResultsFolder:
 
     def shown(self, run: dict) -> dict:
         """A run as the combined file shows it: "running" only while a process holds it."""
-        if run["status"] == "running" and lock_holder(self.path(_key(run), ".lock")) is None:
+        if run["status"] == "running" and lock_holder(self.path(RunKey.of(run), ".lock")) is None:
             return run | {"status": "interrupted"}
         return run
 
-    def migrate(self, json_path: str) -> None:
-        """Check an earlier combined JSON and give each of its runs without a run file one.
 
-        Raises CheckpointError when it is unreadable or was made with other settings.
-        """
-        if not os.path.exists(json_path):
-            return
-        try:
-            with open(json_path) as f:
-                old = json.load(f)
-        except ValueError:
-            raise unreadable(json_path) from None
-        check_settings(json_path, old.get("fingerprint") or {}, self.fingerprint)
-        on_disk = self.read()
-        moved = [r for r in old["runs"] if _key(r) not in on_disk]
-        for run in (r for r in moved if r["evals"] or r["status"] in FINISHED):
-            if run["status"] == "running":
-                run = run | {"status": "interrupted"}
-            self.write_run(run)
-            log(f"[{_key(run).name}] moved from {json_path} into {RUNS_FOLDER}/")
+def results_header(cfg: Config, device: torch.device) -> dict:
+    """What the combined results say besides the runs: the config as used, the environment."""
+    config = asdict(cfg) | fixed_constants() | {"eval_schedule": schedule_of(cfg)}
+    return {"config": config, "environment": environment(device, cfg.threads)}
 
 
-def _key(run: dict) -> RunKey:
-    """A run record's key (records made before --seeds are the first seed)."""
-    return RunKey(run["method"], run["latent_dim"], run.get("seed_index", 0))
-
-
-def load_models(out_dir: str) -> dict[RunKey, dict]:
-    """The final models in OUT_DIR/models/ (first seed of each setting), by run."""
-    folder = os.path.join(out_dir, MODELS_FOLDER)
-    models = {}
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".pt"):
-            saved = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-            key = RunKey(saved["method"], saved["latent_dim"], saved["seed_index"])
-            if key.seed_index == 0:
-                models[key] = saved
-    return models
-
-
-def draw_samples(out_dir: str, digits: torch.Tensor, seed: int) -> str | None:
-    """Draw the samples picture from the saved models; its path, or None without models."""
-    models = load_models(out_dir)
-    if not models:
-        return None
-    path = os.path.join(out_dir, SAMPLES_NAME)
-    plot_samples(models, digits, path, seed)
-    return path
+def open_results(
+    cfg: Config, data: Data, device: torch.device
+) -> tuple[ResultsFolder, Checkpoints, dict[RunKey, dict], list[RunKey]]:
+    """The results folder and checkpoints of this configuration (old ones set aside with
+    --fresh), the run files already there, and the runs left to train; CheckpointError for an
+    unreadable or foreign run file or checkpoint, before any work."""
+    fp = fingerprint(cfg, data, device)
+    store = Checkpoints(cfg.out_dir, fp)
+    folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(runs_of(cfg)))
+    if cfg.fresh:
+        for name in (RESULTS_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER, SAMPLES_NAME):
+            keep_aside(os.path.join(cfg.out_dir, name))
+    on_disk = folder.read()
+    for key in folder.keys:
+        store.load(key)
+    todo = []
+    for key in folder.keys:
+        status = on_disk.get(key, pending_record(key))["status"]
+        if status in FINISHED:
+            log(f"[{key.name}] already {status}: skipped")
+        else:
+            todo.append(key)
+    return folder, store, on_disk, todo
 
 
 def redraw(out_dir: str) -> bool:
-    """--plot-only: rebuild the combined JSON and the figure from the run files alone, or
-    redraw the figure from the combined JSON of a folder without run files; True if the JSON
-    was rebuilt."""
+    """--plot-only: rebuild the combined JSON and the figure from the run files, or, in a
+    folder without run files (such as docs/), redraw the figure from the combined JSON; True
+    if the JSON was rebuilt."""
     json_path, runs_dir = os.path.join(out_dir, RESULTS_NAME), os.path.join(out_dir, RUNS_FOLDER)
-    names = (
-        sorted(n for n in os.listdir(runs_dir) if n.endswith(".json"))
-        if os.path.isdir(runs_dir)
-        else []
-    )
+    names = sorted(glob_json(runs_dir))
     if not names:
         with open(json_path) as f:
             plot_results(json.load(f), os.path.join(out_dir, FIGURE_NAME))
         return False
-    header = {"config": {}, "environment": {}}
-    if os.path.exists(json_path):
-        with open(json_path) as f:
-            header |= {k: v for k, v in json.load(f).items() if k in ("config", "environment")}
     with open(os.path.join(runs_dir, names[0])) as f:
-        fp = json.load(f)["fingerprint"]
-    ResultsFolder(out_dir, fp, header, ()).publish()
+        first = json.load(f)
+    header = {"config": {}, "environment": first["environment"]}
+    ResultsFolder(out_dir, first["fingerprint"], header, ()).publish()
     return True
 
 
-def keep_aside(path: str) -> None:
-    """Move an earlier results file or checkpoint folder out of the way, time-stamped."""
-    if os.path.exists(path):
-        stem, ext = os.path.splitext(path)
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
-        aside = f"{stem}.{stamp}{ext}"
-        os.replace(path, aside)
-        print(f"kept {path} aside as {aside}")
+def glob_json(folder: str) -> list[str]:
+    """The .json files in `folder` (none if it does not exist)."""
+    return [n for n in os.listdir(folder) if n.endswith(".json")] if os.path.isdir(folder) else []
 
 
-# -------------------------------------------------------------------------------- every setting
-FINISHED = ("done", "diverged")  # statuses of runs that a rerun skips
+# -------------------------------------------------------------------------------- keeping runs
+class Progress:
+    """The screen: a progress bar per run and a line per evaluation."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bars: dict[RunKey, tqdm] = {}
+        self.seen: dict[RunKey, int] = {}
+
+    def show(self, key: RunKey, run: dict) -> None:
+        """Bring the run's bar up to its record, and print each evaluation it has not shown."""
+        if key not in self.bars:
+            self.bars[key] = tqdm(
+                total=self.total,
+                unit="samples",
+                unit_scale=True,
+                desc=key.name,
+                position=len(self.bars),
+                disable=None,
+                leave=False,
+                mininterval=1.0,
+            )
+        evals = run["evals"]
+        for e in evals[self.seen.get(key, 0) :]:
+            log(fmt_eval(key.name, e))
+            self.bars[key].update(e["samples"] - self.bars[key].n)
+            self.bars[key].set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
+        self.seen[key] = len(evals)
+
+    def close(self) -> None:
+        """Close the bars."""
+        for bar in self.bars.values():
+            bar.close()
 
 
-def settings_of(cfg: Config) -> list[RunKey]:
-    """The runs of a configuration, in figure order."""
-    return [RunKey(m, d, i) for m in cfg.methods for d in cfg.latent_dims for i in range(cfg.seeds)]
+def fmt_eval(name: str, e: dict) -> str:
+    """One plain log line for an evaluation point of the run called `name`."""
+    return (
+        f"[{name}] samples {e['samples']:>11,}  "
+        f"train ELBO {e['train_elbo']:9.3f}  "
+        f"test ELBO {e['test_elbo']:9.3f}  (test log p(x|z) {e['test_log_likelihood']:9.3f}, "
+        f"KL {e['test_kl']:7.3f})  {e['wall_seconds']:8.1f} s"
+    )
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device for "auto", "cpu" or "cuda", set up for float32 throughout."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    # No TF32: the matrix products keep float32's 24-bit mantissa (TF32 keeps 11), so the
-    # numbers stay those of the paper's float model on every device.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return torch.device(name)
+@dataclass
+class Keeper:
+    """What keeping a run means after each evaluation and at its end: its checkpoint (once it
+    ended, its final model instead), then its run file, then its lines on the screen."""
+
+    cfg: Config
+    store: Checkpoints | None
+    folder: ResultsFolder | None
+    show: Callable[[RunKey, dict], None]
+
+    def __call__(self, run: Run) -> None:
+        """Keep the run as it stands."""
+        if self.store and run.status in ("running", "interrupted"):
+            self.store.save(run.key, run_state(run))  # before the run file: a kill loses nothing
+        elif self.store and run.status in FINISHED:
+            self.store.save_model(run, self.cfg)
+        if run.status == "diverged":
+            print(
+                f"warning: [{run.key.name}] diverged (non-finite loss or ELBO) at "
+                f"{run.samples:,} samples; this run stops here, its last good checkpoint is kept",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.folder:
+            self.folder.save_run(run.record)
+        if self.store and run.status == "done":
+            self.store.remove(run.key)
+        self.show(run.key, run.record)
 
 
-def cpu_count() -> int:
-    """CPU cores this process may use."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def fail(run: dict, error: str, trace: str = "") -> None:
+    """Mark a run as failed, keeping what it measured, and say so."""
+    run["status"], run["error"] = "failed", error
+    if trace:
+        print(trace, file=sys.stderr, end="")
+    name = RunKey.of(run).name
+    print(f"error: [{name}] failed: {error}; the other runs go on", file=sys.stderr, flush=True)
 
 
-def threads_for(cfg: Config, in_flight: int) -> int:
-    """CPU threads for a run that starts now: --threads, or the cores shared among the runs
-    that will be in flight with it (so a lone run gets every core)."""
-    return cfg.threads or max(1, cpu_count() // max(1, in_flight))
-
-
-def run_all(
+# -------------------------------------------------------------------------------- training here
+def train_here(
+    keys: list[RunKey],
     cfg: Config,
     data: Data,
     device: torch.device,
     folder: ResultsFolder,
     store: Checkpoints,
-    todo: list[RunKey],
-) -> dict[RunKey, str]:
-    """Train the unfinished runs in `todo` that no other process holds, here or in worker
-    processes; returns the runs left to other processes, with who holds them."""
-    if cfg.jobs == 1 or len(todo) <= 1:
-        left = {}
-        for key in todo:
-            holder = train_locked(key, cfg, data, device, folder, store, threads_for(cfg, 1))
+    show: Callable[[RunKey, dict], None],
+    estimate: bool = False,
+) -> tuple[dict[RunKey, str], float]:
+    """Train the runs in `keys` that no other process holds, all in flight in this process
+    (CUDA graphs on a GPU, eager steps on the CPU), from their checkpoints where they have
+    them, saying first how long it will take if `estimate`; returns the runs left to other
+    processes (with who holds them) and the estimate in seconds."""
+    started, left, locks, runs, seconds = time.perf_counter(), {}, [], [], 0.0
+    try:
+        for key in keys:
+            lock, holder = folder.claim(key)
             if holder:
                 left[key] = holder
-            if STOP_REQUEST:
-                break
-    else:
-        left = Workers(cfg, folder, store, schedule_of(cfg)[-1]).run(todo)
-    if STOP_REQUEST:
-        raise Interrupted(128 + STOP_REQUEST[0])
-    return left
-
-
-def train_locked(
-    key: RunKey,
-    cfg: Config,
-    data: Data,
-    device: torch.device,
-    folder: ResultsFolder,
-    store: Checkpoints,
-    threads: int,
-    on_eval: Callable[[dict], None] | None = None,
-    progress: bool = True,
-) -> str | None:
-    """Train one run while holding its lock, saving its file after every evaluation; returns
-    None, or who holds the run instead (it is then left to them)."""
-    name = key.name
-    lock, holder = folder.lock(key)
-    if holder:
-        log(f"[{name}] skipped: {holder} is training it")
-        return holder
-    try:
-        run = folder.read().get(key)  # another process may have finished it meanwhile
-        if run and run["status"] in FINISHED:
-            log(f"[{name}] already {run['status']}: skipped")
-            return None
-
-        def save(run: dict) -> None:
-            folder.save_run(run)
-            if on_eval:
-                on_eval(run)
-
+            if lock is None:
+                continue
+            locks.append(lock)
+            try:
+                runs.append(start_run(key, cfg, data, device, store.load(key)))
+            except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
+                record = folder.read().get(key) or pending_record(key)
+                fail(record, one_line(exc), traceback.format_exc())
+                folder.save_run(record)
+            stop_if_requested()
+        advance = CudaGraphs().advance if device.type == "cuda" else advance_eagerly
+        if estimate:
+            seconds = time.perf_counter() - started + estimate_in_flight(runs, cfg, data, advance)
+            say_estimate(cfg, len(runs), len(runs), seconds)
         try:
-            train_run(key, cfg, data, device, save, progress, store, threads)
-        except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
-            run = folder.read().get(key) or pending_run(key)
-            fail(run, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            folder.save_run(run)
-        return None
+            finished = train(runs, cfg, data, advance, Keeper(cfg, store, folder, show))
+        except Exception as exc:  # noqa: BLE001 (the runs' files say what broke)
+            trace = traceback.format_exc()
+            for run in (r for r in runs if r.status == "running"):
+                fail(run.record, one_line(exc), trace)
+                folder.save_run(run.record)
+            finished = True
+        if not finished:
+            stop_if_requested()
     finally:
-        lock.release()
+        for lock in locks:
+            lock.release()
+    return left, seconds
 
 
 def _worker(
@@ -1619,8 +1734,8 @@ def _worker(
     messages: multiprocessing.Queue,
     threads: int,
 ) -> None:
-    """One (method, N_z) run in its own process; it writes its run file, and tells the main
-    process each evaluation, or that another process holds the run."""
+    """One run in its own process: it writes its run file, and tells the main process each
+    keeping of the run, or that another process holds it."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
     quiet_third_party()
@@ -1629,40 +1744,39 @@ def _worker(
         device = resolve_device(cfg.device)
         data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
 
-        def send(run: dict) -> None:
-            messages.put(("run", copy.deepcopy(run)))
+        def send(key: RunKey, run: dict) -> None:
+            messages.put(("run", key, copy.deepcopy(run)))
 
-        holder = train_locked(key, cfg, data, device, folder, store, threads, send, False)
-        if holder:
-            messages.put(("held", key, holder))
+        left, _ = train_here([key], cfg, data, device, folder, store, send)
+        for held, holder in left.items():
+            messages.put(("held", held, holder))
     except Interrupted:
         pass  # its checkpoint and run file are already written
     except Exception as exc:  # noqa: BLE001 (the main process marks the run as failed)
-        error = f"{type(exc).__name__}: {exc}"
-        messages.put(("error", key, error, traceback.format_exc()))
+        messages.put(("error", key, one_line(exc), traceback.format_exc()))
         sys.exit(1)
 
 
 class Workers:
-    """Runs settings in up to cfg.jobs worker processes, one process per setting.
+    """Runs in up to cfg.jobs worker processes, one process per run (the CPU's way).
 
     Hand-written rather than a ProcessPoolExecutor: a worker killed outright (a crash, an
     out-of-memory kill) breaks such a pool for every run, while here it fails only its own
     run and the others go on. Each worker writes its run file and tells the main process each
-    evaluation, which it prints and shows on that setting's progress bar. On a stop request no
-    new worker starts and the running ones get the same signal, so each saves and stops.
+    evaluation, which shows it. On a stop request no new worker starts and the running ones
+    get the same signal, so each saves and stops.
     """
 
-    def __init__(self, cfg: Config, folder: ResultsFolder, store: Checkpoints, total: int) -> None:
-        self.cfg, self.folder, self.store, self.total = cfg, folder, store, total
+    def __init__(
+        self, cfg: Config, folder: ResultsFolder, store: Checkpoints, progress: Progress
+    ) -> None:
+        self.cfg, self.folder, self.store, self.progress = cfg, folder, store, progress
         self.ctx = multiprocessing.get_context("spawn")
         self.messages = self.ctx.Queue()
-        self.bars: dict[RunKey, tqdm] = {}
         self.left: dict[RunKey, str] = {}
-        self.seen: dict[RunKey, int] = {}
 
     def run(self, todo: list[RunKey]) -> dict[RunKey, str]:
-        """Train the settings in `todo` until each has ended; the runs left to others."""
+        """Train the runs in `todo` until each has ended; the runs left to others."""
         waiting, running, forwarded = list(todo), {}, False
         while waiting or running:
             if STOP_REQUEST and not forwarded:
@@ -1674,8 +1788,7 @@ class Workers:
                 threads = threads_for(self.cfg, min(self.cfg.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
                 args = (self.cfg, key, self.folder, self.store, self.messages, threads)
-                name = key.stem
-                running[key] = self.ctx.Process(target=_worker, args=args, name=name)
+                running[key] = self.ctx.Process(target=_worker, args=args, name=key.stem)
                 running[key].start()
             self.receive(timeout=0.2)
             for key, process in list(running.items()):
@@ -1687,20 +1800,16 @@ class Workers:
                     pass
                 del running[key]
                 if not STOP_REQUEST and key not in self.left:  # else: interrupted, or not ours
-                    code = process.exitcode
-                    self.fail_if_unfinished(
-                        key,
-                        f"its worker process ended with exit status {code} before the run finished",
-                    )
-        for bar in self.bars.values():
-            bar.close()
+                    why = f"its worker process ended with exit status {process.exitcode}"
+                    self.fail_if_unfinished(key, f"{why} before the run finished")
+        stop_if_requested()
         return self.left
 
     def fail_if_unfinished(self, key: RunKey, why: str, trace: str = "") -> None:
         """Mark the run of a worker that ended before its run did as failed, saying why."""
         lock, holder = self.folder.lock(key)
         try:
-            run = self.folder.read().get(key) or pending_run(key)
+            run = self.folder.read().get(key) or pending_record(key)
             if holder is None and run["status"] not in (*FINISHED, "failed"):
                 fail(run, why, trace)
                 self.folder.save_run(run)
@@ -1713,111 +1822,117 @@ class Workers:
             message = self.messages.get(timeout=timeout) if timeout else self.messages.get_nowait()
         except queue.Empty:
             return False
-        if message[0] == "held":
-            self.left[message[1]] = message[2]
-        elif message[0] == "error":
-            _, key, error, trace = message
-            self.fail_if_unfinished(key, error, trace)
+        kind, key, *rest = message
+        if kind == "held":
+            self.left[key] = rest[0]
+        elif kind == "error":
+            self.fail_if_unfinished(key, *rest)
         else:
-            run = message[1]
-            key, evals = _key(run), run["evals"]
-            if key not in self.bars:
-                self.bars[key] = tqdm(
-                    total=self.total,
-                    unit="samples",
-                    unit_scale=True,
-                    desc=key.name,
-                    position=len(self.bars),
-                    disable=None,
-                    leave=False,
-                )
-            if evals and len(evals) > self.seen.get(key, 0):
-                self.seen[key] = len(evals)
-                log(fmt_eval(key.name, evals[-1]))
-                self.bars[key].update(evals[-1]["samples"] - self.bars[key].n)
-                self.bars[key].set_postfix(test_elbo=f"{evals[-1]['test_elbo']:.2f}")
+            self.progress.show(key, rest[0])
         return True
 
 
-def fail(run: dict, error: str, trace: str = "") -> None:
-    """Mark a run as failed, keeping what it measured, and say so."""
-    run["status"], run["error"] = "failed", error
-    if trace:
-        print(trace, file=sys.stderr, end="")
-    name = _key(run).name
-    print(f"error: [{name}] failed: {error}; the other runs go on", file=sys.stderr, flush=True)
-
-
-# -------------------------------------------------------------------------------- quiet logs
-def quiet_third_party() -> None:
-    """Silence, at their source, third-party notices that say nothing to our user."""
-    # "No CUDA runtime is found, using CUDA_HOME=..." when inductor compiles on a CPU machine
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    # "Profiler record function ... will be ignored": dynamo tracing the optimiser's step
-    for name in ("torch._dynamo.variables.ctx_manager", "torch._dynamo.variables.torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 # -------------------------------------------------------------------------------- time estimate
-def estimate_seconds(
-    cfg: Config, data: Data, device: torch.device, todo: list[RunKey], runs: dict
-) -> float:
-    """Wall time of training `todo` as run_all will, from a short timed warm-up of each setting.
+def advance_by(runs: list[Run], steps: int, advance: Advance) -> None:
+    """Advance each run by `steps` training steps (runs that stand together move together)
+    and wait for the device."""
+    for samples in sorted({run.samples for run in runs}):
+        group = [run for run in runs if run.samples == samples]
+        advance(group, samples + steps * group[0].batches.batch_size)
+    for run in runs:
+        float(run.loss)  # waits for the device
 
-    Each setting takes ESTIMATE_STEPS eager steps at the thread count it will get, and one
-    full evaluation is timed per thread count (the final log p(x) estimate is costed from
-    it); the queue of cfg.jobs slots is then replayed.
-    """
+
+def seconds_per_step(runs: list[Run], advance: Advance, device: torch.device) -> float:
+    """Seconds per training step of all `runs` together on `advance`, timed after a warm-up
+    (first-call allocations, compiling, graph capture); the runs are then put back."""
+    saved = [run_state(run) for run in runs]
+    steps = ESTIMATE_STEPS if device.type == "cpu" else max(ESTIMATE_STEPS, 4 * GRAPH_STEPS)
+    try:
+        advance_by(runs, 1 if device.type == "cpu" else GRAPH_STEPS, advance)
+        start = time.perf_counter()
+        advance_by(runs, steps, advance)
+        return (time.perf_counter() - start) / steps
+    finally:
+        for run, state in zip(runs, saved, strict=True):
+            load_run_state(run, state)
+
+
+def seconds_per_evaluation(vae: VAE, data: Data, seed: int) -> float:
+    """Seconds of one evaluation point (both whole sets)."""
+    start = time.perf_counter()
+    evaluate_point(vae, data, seed)
+    return time.perf_counter() - start
+
+
+def closing_seconds(cfg: Config, data: Data, eval_s: float) -> float:
+    """Seconds of a finished run's log p(x) estimate: K decodes of each test image, each about
+    2/3 of a full evaluation's pass."""
+    test_share = len(data.test_eval) / (len(data.train_eval) + len(data.test_eval))
+    return eval_s * cfg.iw_samples * test_share * 2 / 3
+
+
+def estimate_in_flight(runs: list[Run], cfg: Config, data: Data, advance: Advance) -> float:
+    """Seconds to train `runs` to the end, all in flight together: the engine timed on the
+    runs themselves, one evaluation timed, the rest counted."""
+    if not runs:
+        return 0.0
+    device = runs[0].batches.images.device
+    step_s = seconds_per_step(runs, advance, device)
+    eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
+    schedule = schedule_of(cfg)
+    steps = max((schedule[-1] - run.samples) // cfg.batch_size for run in runs)
+    points = sum(len([p for p in schedule if p > run.samples]) for run in runs)
+    return steps * step_s + points * eval_s + len(runs) * closing_seconds(cfg, data, eval_s)
+
+
+def estimate_workers(
+    cfg: Config, data: Data, device: torch.device, todo: list[RunKey], on_disk: dict
+) -> float:
+    """Seconds to train `todo` in worker processes: each kind of run timed for a few steps at
+    the threads it will get, one evaluation timed per thread count, the queue of --jobs slots
+    replayed."""
     step_s: dict[tuple[str, int, int], float] = {}
     eval_s: dict[int, float] = {}
-    lr = LR_CANDIDATES[0] if cfg.lr == "auto" else float(cfg.lr)
+    schedule, threads_now = schedule_of(cfg), torch.get_num_threads()
 
-    def duration(run_key: RunKey, threads: int) -> float:
-        method, latent_dim = run_key.method, run_key.latent_dim
-        key = (method, latent_dim, threads)  # seeds of one setting cost the same
+    def duration(key: RunKey, threads: int) -> float:
+        kind = (key.method, key.latent_dim, threads)  # seeds of one setting cost the same
         torch.set_num_threads(threads)
-        timed = key in step_s and threads in eval_s
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if not timed:
-                vae = build_vae(latent_dim, cfg.hidden_size).to(device)
-                step, _ = make_step(method, vae, lr, device, compile_step=False)
-                batches = Batches(data.train, cfg.batch_size)
-            if key not in step_s:
-                float(step(batches.next()))  # warm-up: first-call allocations
-                start = time.perf_counter()
-                for _ in range(ESTIMATE_STEPS):
-                    loss = step(batches.next())
-                float(loss)
-                step_s[key] = (time.perf_counter() - start) / ESTIMATE_STEPS
-            if threads not in eval_s:
-                start = time.perf_counter()
-                evaluate_point(vae, data, cfg.seed)
-                eval_s[threads] = time.perf_counter() - start
-        evals = runs.get(run_key, pending_run(run_key))["evals"]
+        if kind not in step_s:
+            record = {"seed": 0, "lr": cfg.timing_lr, "compiled": False}
+            run = new_run(key, record, cfg, data, device)
+            step_s[kind] = seconds_per_step([run], advance_eagerly, device)
+            eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
+        evals = on_disk.get(key, pending_record(key))["evals"]
         done = evals[-1]["samples"] if evals else 0
-        points = [p for p in schedule_of(cfg) if p > done]
+        points = [p for p in schedule if p > done]
         if not points:  # evaluated to the end; another process is finishing it
             return 0.0
-        seconds = (points[-1] - done) / cfg.batch_size * step_s[key] + len(points) * eval_s[threads]
+        seconds = (points[-1] - done) / cfg.batch_size * step_s[kind]
+        seconds += len(points) * eval_s[threads] + closing_seconds(cfg, data, eval_s[threads])
         if cfg.lr == "auto" and not evals:  # the pilots, each scored on the training set
-            pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[key] + eval_s[threads] * 0.9
+            pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[kind] + eval_s[threads]
             seconds += len(LR_CANDIDATES) * pilot
-        # the final log p(x): K decodes of each test image, each about 2/3 of a full pass
-        test_share = len(data.test_eval) / (len(data.train_eval) + len(data.test_eval))
-        seconds += eval_s[threads] * cfg.iw_samples * test_share * 2 / 3
-        if use_compile(cfg, threads, device):
-            seconds += COMPILE_SECONDS
-        return seconds
+        return seconds + COMPILE_SECONDS * use_compile(cfg, threads, device)
 
-    jobs = 1 if cfg.jobs == 1 or len(todo) <= 1 else cfg.jobs
     now, ends = 0.0, []  # the end times of the runs in flight
-    for i, run_key in enumerate(todo):
-        if len(ends) == jobs:
-            now = min(ends)
-        ends = [e for e in ends if e > now]
-        threads = threads_for(cfg, min(jobs, len(ends) + len(todo) - i))
-        ends.append(now + duration(run_key, threads))
+    try:
+        for i, key in enumerate(todo):
+            if len(ends) == cfg.jobs:
+                now = min(ends)
+            ends = [e for e in ends if e > now]
+            threads = threads_for(cfg, min(cfg.jobs, len(ends) + len(todo) - i))
+            ends.append(now + duration(key, threads))
+    finally:
+        torch.set_num_threads(threads_now)
     return max(ends, default=0.0)
+
+
+def say_estimate(cfg: Config, runs: int, at_a_time: int, seconds: float) -> None:
+    """Print the estimate line."""
+    work = f"{runs} run{'s' * (runs != 1)} x {cfg.samples:,} samples, {at_a_time} at a time"
+    log(f"estimate: {work}: about {fmt_duration(seconds)} here")
 
 
 def fmt_duration(seconds: float) -> str:
@@ -1829,7 +1944,103 @@ def fmt_duration(seconds: float) -> str:
 
 
 # -------------------------------------------------------------------------------- benchmark
-def flops_per_training_sample(latent_dim: int, hidden_size: int = HIDDEN_SIZE) -> float:
+def benchmark(cfg: Config, device: torch.device) -> dict[str, float | str | None]:
+    """Measure and print the speed of the real engine (one AEVB N_z = 20 run, and every run of
+    the configuration in flight), of the plain-PyTorch step and the DataLoader loop beside it,
+    an evaluation, the machine's matrix product and the peak memory; JSON too if asked."""
+    data, source = benchmark_data(cfg, device)
+    threads = torch.get_num_threads()
+    compiled = use_compile(
+        replace(cfg, samples=max(cfg.samples, COMPILE_MIN_SAMPLES)), threads, device
+    )
+    log(
+        f"benchmark: batch {cfg.batch_size}, {source}, {device}, {threads} threads, "
+        f"{'compiled' if compiled else 'eager'} step"
+    )
+
+    def fresh(key: RunKey) -> Run:
+        record = {"seed": setting_seed(cfg.seed, *key), "lr": cfg.timing_lr, "compiled": compiled}
+        run = new_run(key, record, cfg, data, device)
+        if compiled:
+            run.step = compiled_step(run)
+        return run
+
+    advance = CudaGraphs().advance if device.type == "cuda" else advance_eagerly
+    one, every = [fresh(RunKey("aevb", 20))], [fresh(key) for key in runs_of(replace(cfg, seeds=1))]
+    plain = plain_step(cfg, device, data.train)
+    n = cfg.benchmark_steps
+    rates = steps_per_second(
+        {
+            "one run": (lambda: advance_by(one, n, advance), n),
+            "plain step": (lambda: plain(n), n),
+            "all runs": (lambda: advance_by(every, n, advance), n * len(every)),
+            "DataLoader": (dataloader_steps(cfg, device, source), n),
+        }
+    )
+    eval_s = statistics.median(seconds_per_evaluation(one[0].vae, data, cfg.seed) for _ in range(3))
+    gflops = matmul_gflops(device)
+    achieved = rates["one run"] * cfg.batch_size * flops_per_training_sample(20, cfg.hidden_size)
+    import resource
+
+    result: dict[str, float | str | None] = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device_name": environment(device, threads)["device_name"],
+        "torch": str(torch.__version__),
+        "threads": threads,
+        "data": source,
+        "step": "compiled" if compiled else "eager",
+        "steps_per_s_one_run": rates["one run"],
+        "steps_per_s_plain_step": rates["plain step"],
+        "ratio_one_run_to_plain_step": rates["one run"] / rates["plain step"],
+        "steps_per_s_all_runs": rates["all runs"],
+        "runs_in_flight": len(every),
+        "steps_per_s_dataloader_loop": rates["DataLoader"],
+        "ratio_one_run_to_dataloader_loop": rates["one run"] / rates["DataLoader"],
+        "eval_seconds": eval_s,
+        "matmul_2048_gflops": gflops,
+        "training_gflops_one_run": achieved / 1e9,
+        "efficiency_training_to_matmul": achieved / 1e9 / gflops,
+        "peak_resident_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else None,
+    }
+    for key, value in result.items():
+        log(f"  {key:<36} {value:,.3f}" if isinstance(value, float) else f"  {key:<36} {value}")
+    if cfg.benchmark_json:
+        write_json_atomic(result, cfg.benchmark_json)
+        log(f"  written to {cfg.benchmark_json}")
+    return result
+
+
+def benchmark_data(cfg: Config, device: torch.device) -> tuple[Data, str]:
+    """The images to time with and what they are: MNIST from --data-dir (checked, or not with
+    --no-verify-data), else random images of MNIST's shape."""
+    try:
+        data = load_data(cfg.data_dir, device, False, cfg.seed, cfg.verify_data, download=False)
+    except DataError:
+        train = torch.rand(60_000, 1, 28, 28, device=device)
+        return Data(train, train, torch.rand(10_000, 1, 28, 28, device=device)), (
+            f"random images of MNIST's shape (no MNIST under {cfg.data_dir})"
+        )
+    checked = "MNIST (checksums verified)" if cfg.verify_data else "unchecked MNIST-format files"
+    return data, f"{checked} from {cfg.data_dir}"
+
+
+def steps_per_second(timed: dict[str, tuple[Callable[[], Any], int]]) -> dict[str, float]:
+    """Median steps/s of each (window, steps per window), timed in interleaved windows after a
+    warm-up window, so that all of them see the same machine."""
+    rates: dict[str, list[float]] = {name: [] for name in timed}
+    for w in range(BENCHMARK_WINDOWS + 1):
+        for name, (window, steps) in timed.items():
+            start = time.perf_counter()
+            window()
+            if w:
+                rates[name].append(steps / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def flops_per_training_sample(latent_dim: int, hidden_size: int) -> float:
     """FLOPs of one SGVB training step per sample: 2 x multiply-adds of the forward pass x 2.5."""
     macs = 784 * hidden_size + hidden_size * 2 * latent_dim + latent_dim * hidden_size
     return 2 * (macs + hidden_size * 784) * 2.5
@@ -1846,208 +2057,62 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
     return 2 * size**3 / statistics.median(times[1:]) / 1e9
 
 
-def samples_per_second(
-    steps_by_name: dict[str, Callable[[], torch.Tensor]], steps: int, windows: int, batch_size: int
-) -> dict[str, float]:
-    """Median training samples/s of each step function, timed in interleaved windows of `steps`
-    steps after one warm-up window, so that all of them see the same machine."""
-    rates: dict[str, list[float]] = {name: [] for name in steps_by_name}
-    for w in range(windows + 1):
-        for name, one_step in steps_by_name.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                last = one_step()
-            float(last)  # waits for the device
-            if w:
-                rates[name].append(steps * batch_size / (time.perf_counter() - start))
-    return {name: statistics.median(r) for name, r in rates.items()}
-
-
-def plain_step(cfg: Config, device: torch.device, batches: Batches) -> Callable[[], torch.Tensor]:
-    """The yardstick: the same AEVB step (N_z = 20) written as plain PyTorch, one step per call.
+def plain_step(cfg: Config, device: torch.device, images: torch.Tensor) -> Callable[[int], float]:
+    """The yardstick: the AEVB step (N_z = 20) written as plain PyTorch, n steps per call.
 
     Four nn.Linear layers (one holds both Gaussian heads), tanh, the reparameterised sample,
-    BCE with logits summed over pixels, the closed-form KL, Adagrad with the same weight decay
-    (fused on the CPU), data resident.
+    BCE with logits summed over pixels, the closed-form KL written out, Adagrad with the same
+    weight decay (fused on the CPU), random minibatches of resident data.
     """
     h, nz = cfg.hidden_size, 20
     layers = [nn.Linear(784, h), nn.Linear(h, 2 * nz), nn.Linear(nz, h), nn.Linear(h, 784)]
     enc, head, dec1, dec2 = (layer.to(device) for layer in layers)
     params = [p for layer in (enc, head, dec1, dec2) for p in layer.parameters()]
     fused = {"fused": True} if device.type == "cpu" else {"foreach": True}
-    opt = torch.optim.Adagrad(params, lr=float(LEARNING_RATE), weight_decay=WEIGHT_DECAY, **fused)
+    opt = torch.optim.Adagrad(params, lr=cfg.timing_lr, weight_decay=WEIGHT_DECAY, **fused)
+    flat = images.flatten(1)
 
-    def step() -> torch.Tensor:
-        x = batches.next().flatten(1)
-        opt.zero_grad(set_to_none=True)
-        mu, log_var = head(torch.tanh(enc(x))).chunk(2, dim=1)
-        z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
-        rec = binary_cross_entropy_with_logits(dec2(torch.tanh(dec1(z))), x, reduction="sum")
-        loss = (rec + 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()) / len(x)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+    def steps(n: int) -> float:
+        for _ in range(n):
+            x = flat[torch.randint(len(flat), (cfg.batch_size,), device=device)]
+            opt.zero_grad(set_to_none=True)
+            mu, log_var = head(torch.tanh(enc(x))).chunk(2, dim=1)
+            z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+            rec = binary_cross_entropy_with_logits(dec2(torch.tanh(dec1(z))), x, reduction="sum")
+            loss = (rec + 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()) / len(x)
+            loss.backward()
+            opt.step()
+        return float(loss)  # waits for the device
 
-    return step
-
-
-class _ToTensorImages(torch.utils.data.Dataset):
-    """Synthetic uint8 images served one at a time through transforms.ToTensor, as MNIST is."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images, self.to_tensor = images.squeeze(1).numpy(), torchvision.transforms.ToTensor()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.to_tensor(self.images[i]), 0
+    return steps
 
 
-def dataloader_step(cfg: Config, device: torch.device, real: bool) -> Callable[[], torch.Tensor]:
-    """The pyautoencoder example's loop, one step per call: DataLoader, ToTensor, batch 100."""
-    to_tensor = torchvision.transforms.ToTensor()
-    if real:
-        dataset: torch.utils.data.Dataset = torchvision.datasets.MNIST(
-            cfg.data_dir, train=True, transform=to_tensor
-        )
+def dataloader_steps(cfg: Config, device: torch.device, source: str) -> Callable[[], float]:
+    """The pyautoencoder example's loop (DataLoader, ToTensor per image, the library's
+    compute_loss), cfg.benchmark_steps steps per call."""
+    if source.startswith("random"):
+        images = (torch.rand(60_000, 28, 28) * 255).to(torch.uint8)
+        dataset: Any = torch.utils.data.TensorDataset(images.float().div(255).unsqueeze(1))
     else:
-        dataset = _ToTensorImages((torch.rand(60_000, 1, 28, 28) * 255).to(torch.uint8))
+        to_tensor = torchvision.transforms.ToTensor()
+        dataset = torchvision.datasets.MNIST(cfg.data_dir, train=True, transform=to_tensor)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True
     )
-    seed_everything(cfg.seed)
     vae = build_vae(20, cfg.hidden_size).to(device)
-    opt = torch.optim.Adagrad(vae.parameters(), lr=float(LEARNING_RATE), weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.Adagrad(vae.parameters(), lr=cfg.timing_lr, weight_decay=WEIGHT_DECAY)
+    batches = (batch[0] for _ in iter(int, 1) for batch in loader)
 
-    def batches() -> Iterator[torch.Tensor]:
-        while True:
-            for x, _ in loader:
-                yield x
+    def steps() -> float:
+        for _ in range(cfg.benchmark_steps):
+            x = next(batches).to(device)
+            opt.zero_grad()
+            loss = vae.compute_loss(x, vae(x), likelihood="bernoulli").objective
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
 
-    stream = batches()
-
-    def step() -> torch.Tensor:
-        x = next(stream).to(device)
-        opt.zero_grad()
-        loss = vae.compute_loss(x, vae(x), likelihood="bernoulli").objective
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step
-
-
-def benchmark(
-    cfg: Config, device: torch.device, steps: int, windows: int = BENCHMARK_WINDOWS
-) -> dict[str, float | str]:
-    """Measure and print training speed, the DataLoader baseline, evaluation time and memory."""
-    try:
-        data = load_data(
-            cfg.data_dir, device, False, cfg.seed, verify=cfg.verify_data, download=False
-        )
-        source = "real MNIST"
-    except DataError:
-        train = torch.rand(60_000, 1, 28, 28, device=device)
-        data = Data(train, train, torch.rand(10_000, 1, 28, 28, device=device))
-        source = f"synthetic data of MNIST's shape (no MNIST under {cfg.data_dir})"
-    threads = torch.get_num_threads()
-    long_run = replace(cfg, samples=max(cfg.samples, COMPILE_MIN_SAMPLES))
-    compiled = use_compile(long_run, threads, device)
-    mode = "compiled" if compiled else "eager"
-    log(
-        f"benchmark: N_z = 20, batch {cfg.batch_size}, {source}, {device}, "
-        f"{threads} threads, step {mode}"
-    )
-    gflops = matmul_gflops(device)
-    seed_everything(cfg.seed)
-    vae = build_vae(20, cfg.hidden_size).to(device)
-    step, _ = make_step("aevb", vae, float(LEARNING_RATE), device, compiled)
-    batches = Batches(data.train, cfg.batch_size)
-    yardstick = plain_step(cfg, device, Batches(data.train, cfg.batch_size))
-    timed = {"ours": lambda: step(batches.next()), "plain": yardstick}
-    if compiled:  # the same step, eager, for the fast step's gain
-        twin = build_vae(20, cfg.hidden_size).to(device)
-        eager_step, _ = make_step("aevb", twin, float(LEARNING_RATE), device, compile_step=False)
-        timed["eager"] = lambda: eager_step(batches.next())
-    rates = samples_per_second(timed, steps, windows, cfg.batch_size)
-    ours, plain = rates["ours"], rates["plain"]
-    eager = rates.get("eager", ours)
-    every_run = all_runs_step(cfg, device, data, compiled and device.type == "cuda")
-    per_run = samples_per_second({"all": every_run}, steps, windows, cfg.batch_size)["all"]
-    all_runs = per_run * len(METHODS) * len(LATENT_DIMS)  # the ten together
-    loader_step = dataloader_step(cfg, device, source == "real MNIST")
-    baseline = samples_per_second({"loader": loader_step}, steps, windows, cfg.batch_size)["loader"]
-    eval_times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        evaluate_elbo(vae, data.train_eval)
-        evaluate_elbo(vae, data.test_eval)
-        eval_times.append(time.perf_counter() - start)
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    achieved = ours * flops_per_training_sample(20, cfg.hidden_size) / 1e9
-    result: dict[str, float | str] = {
-        "data": source,
-        "training samples/s (ours)": ours,
-        "training samples/s (ours, eager)": eager,
-        "training samples/s (plain PyTorch step)": plain,
-        "ratio ours / plain step": ours / plain,
-        "training samples/s (DataLoader loop)": baseline,
-        "ratio ours / DataLoader": ours / baseline,
-        "seconds per full evaluation (60,000 + 10,000)": statistics.median(eval_times),
-        "matmul 2048 GFLOP/s": gflops,
-        "training GFLOP/s": achieved,
-        "efficiency (training / matmul)": achieved / gflops,
-        "peak resident memory MiB": peak,
-        "training steps/s, one run": ours / cfg.batch_size,
-        "training steps/s, all ten runs in flight": all_runs / cfg.batch_size,
-    }
-    if device.type == "cuda":
-        result["peak CUDA memory MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
-    for key, value in result.items():
-        log(f"  {key:<48} {value:,.3f}" if isinstance(value, float) else f"  {key:<48} {value}")
-    if cfg.benchmark_json:
-        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        summary = {
-            "gpu": gpu,
-            "device": str(device),
-            "device_name": gpu or environment(device, threads)["device_name"],
-            "torch": str(torch.__version__),
-            "threads": threads,
-            "fast_step": mode,
-            "steps_per_s_one_run": ours / cfg.batch_size,
-            "steps_per_s_one_run_eager": eager / cfg.batch_size,
-            "steps_per_s_all_runs": all_runs / cfg.batch_size,
-            "eval_seconds": statistics.median(eval_times),
-            "peak_memory_mib": result.get("peak CUDA memory MiB", peak),
-            "printed": result,
-        }
-        write_json_atomic(summary, cfg.benchmark_json)
-        log(f"  written to {cfg.benchmark_json}")
-    return result
-
-
-def all_runs_step(
-    cfg: Config, device: torch.device, data: Data, compiled: bool
-) -> Callable[[], torch.Tensor]:
-    """One step of each of the default figure's ten runs per call, round robin, as if all ten
-    were in flight on this device (a wake-sleep step counts as one): each call advances every
-    run by one minibatch."""
-    steps = []
-    for method in METHODS:
-        for latent_dim in LATENT_DIMS:
-            vae = build_vae(latent_dim, cfg.hidden_size).to(device)
-            step, _ = make_step(method, vae, float(LEARNING_RATE), device, compiled)
-            steps.append((step, Batches(data.train, cfg.batch_size)))
-
-    def every_run() -> torch.Tensor:
-        for step, batches in steps:
-            loss = step(batches.next())
-        return loss
-
-    return every_run
+    return steps
 
 
 # -------------------------------------------------------------------------------- command line
@@ -2093,7 +2158,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         )
     if a.threads < 0:
         parser.error(
-            f"--threads {a.threads} is negative; use 0 for cores / jobs, or a positive count"
+            f"--threads {a.threads} is negative; use 0 to share the cores, or a positive count"
         )
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error(
@@ -2111,7 +2176,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 def plot_only(cfg: Config) -> int:
     """--plot-only: redraw the figure and the samples picture from the files in --out-dir."""
     try:
-        results = redraw(cfg.out_dir)
+        rebuilt = redraw(cfg.out_dir)
     except (OSError, ValueError, KeyError, CheckpointError) as exc:
         print(
             f"error: cannot read the results in {cfg.out_dir} ({exc}); run the training "
@@ -2120,7 +2185,7 @@ def plot_only(cfg: Config) -> int:
         )
         return 2
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
-    print(f"figure: {png_path}" + f"\nresults: {json_path}" * bool(results))
+    print(f"figure: {png_path}" + f"\nresults: {json_path}" * rebuilt)
     if load_models(cfg.out_dir):  # the samples picture needs the test digits
         try:
             digits = load_split(cfg.data_dir, "test", cfg.verify_data)
@@ -2130,58 +2195,49 @@ def plot_only(cfg: Config) -> int:
     return 0
 
 
-def open_results(
-    cfg: Config, data: Data, device: torch.device
-) -> tuple[ResultsFolder, Checkpoints, dict[RunKey, dict], list[RunKey]]:
-    """The results folder and checkpoints of this configuration (old ones set aside with
-    --fresh), what they already hold, and the runs left to train; raises CheckpointError for an
-    unreadable or foreign run file or checkpoint, before any work."""
-    fp = fingerprint(cfg, data, device)
-    store = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), fp)
-    folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(settings_of(cfg)))
-    json_path = os.path.join(cfg.out_dir, RESULTS_NAME)
-    if cfg.fresh:
-        pictures = os.path.join(cfg.out_dir, SAMPLES_NAME)
-        for path in (json_path, folder.folder, store.folder, store.models, pictures):
-            keep_aside(path)
-    folder.migrate(json_path)
-    on_disk = folder.read()  # refuses a run file that is unreadable or from other settings
-    for key in folder.settings:
-        store.load(key)  # refuses an unreadable or foreign checkpoint before any work
-    todo = []
-    for key in folder.settings:
-        status = on_disk.get(key, pending_run(key))["status"]
-        if status in FINISHED:
-            log(f"[{key.name}] already {status}: skipped")
-        else:
-            todo.append(key)
-    return folder, store, on_disk, todo
+def train_all(
+    cfg: Config,
+    data: Data,
+    device: torch.device,
+    folder: ResultsFolder,
+    store: Checkpoints,
+    todo: list[RunKey],
+    on_disk: dict[RunKey, dict],
+) -> tuple[dict[RunKey, str], float]:
+    """Train the runs of `todo`: in worker processes on a CPU with --jobs above 1, else all in
+    flight in this process; the runs left to other processes, and the time estimate."""
+    progress = Progress(schedule_of(cfg)[-1])
+    try:
+        if in_workers(cfg, device, todo):
+            estimate = estimate_workers(cfg, data, device, todo, on_disk)
+            say_estimate(cfg, len(todo), min(cfg.jobs, len(todo)), estimate)
+            return Workers(cfg, folder, store, progress).run(todo), estimate
+        torch.set_num_threads(cfg.threads or cpu_count())
+        return train_here(todo, cfg, data, device, folder, store, progress.show, estimate=True)
+    finally:
+        progress.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, load MNIST, train every setting, save the JSON, draw the figure."""
+    """Parse the command line, load MNIST, train every run, save the JSON, draw the figure."""
     cfg = parse_config(argv)
     if cfg.plot_only:
         return plot_only(cfg)
     device = resolve_device(cfg.device)
     quiet_third_party()
-    if cfg.benchmark:  # one run: all cores unless --threads says otherwise
+    if cfg.benchmark:  # one process: all cores unless --threads says otherwise
         torch.set_num_threads(cfg.threads or cpu_count())
-        benchmark(
-            replace(cfg, jobs=1, threads=torch.get_num_threads()), device, cfg.benchmark_steps
-        )
+        benchmark(cfg, device)
         return 0
     try:
         data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
+        if len(data.train) < cfg.batch_size:
+            raise DataError(
+                f"the training set holds {len(data.train)} images, fewer than one minibatch "
+                f"({cfg.batch_size})"
+            )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if len(data.train) < cfg.batch_size:
-        print(
-            f"error: the training set holds {len(data.train)} images, fewer than one "
-            f"minibatch ({cfg.batch_size})",
-            file=sys.stderr,
-        )
         return 1
     try:
         folder, store, on_disk, todo = open_results(cfg, data, device)
@@ -2189,29 +2245,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
-    at_a_time = min(cfg.jobs, len(todo)) or 1
-    threads = f"{cfg.threads} threads per run" if cfg.threads else "cores shared among them"
-    log(f"training on {device}, {at_a_time} run(s) at a time ({threads}); results: {json_path}")
-    started = time.perf_counter()
-    estimate = estimate_seconds(cfg, data, device, todo, on_disk)
-    work = (
-        f"{len(todo)} run{'s' * (len(todo) != 1)} x {cfg.samples:,} samples, {at_a_time} at a time"
-    )
-    log(f"estimate: {work}: about {fmt_duration(estimate)} here")
-    STOP_REQUEST.clear()
-    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    code, left = 0, {}
-    try:
+    log(f"training on {device}; results: {json_path}")
+    started, code, left, estimate = time.perf_counter(), 0, {}, 0.0
+    with stop_requests():
         try:
-            left = run_all(cfg, data, device, folder, store, todo)
+            left, estimate = train_all(cfg, data, device, folder, store, todo, on_disk)
         except Interrupted as exc:
             code = exc.code
-        results = folder.publish()  # still under request_stop: Ctrl-C cannot break it
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    ours = [r for r in results["runs"] if _key(r) in folder.settings and _key(r) not in left]
-    if not code and any(r["status"] != "done" for r in ours):
+        results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
+    ours = [r for r in results["runs"] if RunKey.of(r) in folder.keys]
+    if not code and any(r["status"] != "done" for r in ours if RunKey.of(r) not in left):
         code = 3
     pictures = draw_samples(cfg.out_dir, data.test_eval, cfg.seed)
     print(results_table(results))

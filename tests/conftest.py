@@ -87,13 +87,18 @@ def train_n_z3(
     data: rf.Data,
     method: str = "aevb",
     device: torch.device | None = None,
-    on_eval: Callable[[dict], None] = lambda run: None,
-    **kw: Any,
+    store: rf.Checkpoints | None = None,
+    on_keep: Callable[[rf.RunKey, dict], None] = lambda key, run: None,
 ) -> dict:
-    """train_run() of the N_z = 3 run of `method` (on the CPU unless `device` says otherwise),
-    without progress bars; its record."""
-    device = device or torch.device("cpu")
-    return rf.train_run(rf.RunKey(method, 3), cfg, data, device, on_eval, progress=False, **kw)
+    """The N_z = 3 run of `method` trained by the loop alone (on the CPU unless `device` says
+    otherwise), from its checkpoint in `store` if there is one; its record. Raises Interrupted
+    if a stop request cut it short."""
+    device, key = device or torch.device("cpu"), rf.RunKey(method, 3)
+    run = rf.start_run(key, cfg, data, device, store.load(key) if store else None)
+    keep = rf.Keeper(cfg, store, None, on_keep)
+    if not rf.train([run], cfg, data, rf.advance_eagerly, keep):
+        raise rf.Interrupted(130)
+    return run.record
 
 
 def tiny_config(**kw: Any) -> rf.Config:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import measured, tiny_args, tiny_config, train_n_z3
+from conftest import measured, tiny_config, without_wall
 from test_machinery import resumable_args, stop_at_first_checkpoint
 
 import reproduce_fig2 as rf
@@ -46,25 +46,94 @@ def test_cuda_evaluator_equals_the_hand_computation(synthetic_data: rf.Data) -> 
     assert got["kl"] == pytest.approx(float(kl), rel=1e-4, abs=1e-5)
 
 
+def cuda_runs(cfg: rf.Config, data: rf.Data, keys: list[rf.RunKey]) -> list[rf.Run]:
+    """Fresh runs of `keys` on the GPU."""
+    return [rf.start_run(key, cfg, data, CUDA, None) for key in keys]
+
+
+def evals_of(run: rf.Run) -> list[dict]:
+    """A run's evaluations without their wall-clock times."""
+    return [without_wall(e) for e in run.record["evals"]]
+
+
 @pytest.mark.parametrize("method", rf.METHODS)
-def test_cuda_training_raises_the_elbo(synthetic_data: rf.Data, method: str) -> None:
+def test_cuda_graphs_train_and_raise_the_elbo(synthetic_data: rf.Data, method: str) -> None:
     data, cfg = on_cuda(synthetic_data), tiny_config(methods=(method,), device="cuda")
-    start = rf.evaluate_elbo(rf.build_vae(3, cfg.hidden_size).to(CUDA), data.train_eval)["elbo"]
-    run = train_n_z3(cfg, data, method, CUDA)
-    assert run["status"] == "done" and run["evals"][-1]["train_elbo"] > start + 100
+    (run,) = cuda_runs(cfg, data, [rf.RunKey(method, 3)])
+    start = rf.evaluate_elbo(run.vae, data.train_eval)["elbo"]
+    engine = rf.CudaGraphs(steps=7)
+    assert rf.train([run], cfg, data, engine.advance, lambda run: None)
+    assert engine.graphs[id(run)] is not None  # captured, not the eager fallback
+    assert run.status == "done" and run.record["evals"][-1]["train_elbo"] > start + 100
 
 
-def test_cuda_fast_step_gives_the_eager_steps_numbers(synthetic_data: rf.Data) -> None:
-    x = synthetic_data.train[:50].to(CUDA)
+def test_cuda_graphs_give_the_eager_steps_numbers(synthetic_data: rf.Data) -> None:
+    data = on_cuda(synthetic_data)
+    cfg = tiny_config(methods=rf.METHODS, device="cuda", samples=2500)  # crosses epochs
+    keys = [rf.RunKey("aevb", 3), rf.RunKey("wake-sleep", 3)]
+    graphed, eager = cuda_runs(cfg, data, keys), cuda_runs(cfg, data, keys)
+    rf.train(graphed, cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
+    rf.train(eager, cfg, data, rf.advance_eagerly, lambda run: None)
+    for g, e in zip(graphed, eager, strict=True):
+        assert evals_of(g) == pytest.approx(evals_of(e), rel=1e-6)
 
-    def three_steps(compile_step: bool) -> list[float]:
-        torch.manual_seed(0)
-        vae = rf.build_vae(3, 16).to(CUDA)
-        step, _ = rf.make_step("aevb", vae, 0.02, CUDA, compile_step=compile_step)
-        losses = [float(step(x)) for _ in range(3)]
-        return losses + [float(p.detach().sum()) for p in vae.parameters()]
 
-    assert three_steps(True) == pytest.approx(three_steps(False), rel=1e-4, abs=1e-5)
+def test_cuda_a_run_beside_nine_others_gives_its_numbers_alone(synthetic_data: rf.Data) -> None:
+    data = on_cuda(synthetic_data)
+    cfg = tiny_config(methods=rf.METHODS, latent_dims=(2, 3, 5, 8, 20), device="cuda")
+    together = cuda_runs(cfg, data, rf.runs_of(cfg))
+    rf.train(together, cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
+    for run in together:
+        (alone,) = cuda_runs(cfg, data, [run.key])
+        rf.train([alone], cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
+        assert evals_of(alone) == evals_of(run), run.key.name
+
+
+def test_cuda_a_failed_capture_trains_eagerly_after_one_line(
+    synthetic_data: rf.Data, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    data, cfg = on_cuda(synthetic_data), tiny_config(device="cuda")
+    (reference,) = cuda_runs(cfg, data, [rf.RunKey("aevb", 3)])
+    rf.train([reference], cfg, data, rf.advance_eagerly, lambda run: None)
+
+    class Broken:
+        def __init__(self) -> None:
+            raise RuntimeError("capture not supported")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Broken)
+    (run,) = cuda_runs(cfg, data, [rf.RunKey("aevb", 3)])
+    assert rf.train([run], cfg, data, rf.CudaGraphs().advance, lambda run: None)
+    notices = [line for line in capsys.readouterr().out.splitlines() if "capture failed" in line]
+    assert notices == [
+        "notice: [aevb N_z=3] CUDA graph capture failed (RuntimeError: capture not supported); "
+        "eager steps"
+    ]
+    assert evals_of(run) == evals_of(reference)
+
+
+def test_cuda_compiled_graphs_match_eager_and_warn_nothing(
+    synthetic_data: rf.Data, capfd: pytest.CaptureFixture
+) -> None:
+    rf.quiet_third_party()
+    data = on_cuda(synthetic_data)
+    results = []
+    for compiled in ("on", "off"):
+        cfg = tiny_config(device="cuda", compile=compiled)
+        (run,) = cuda_runs(cfg, data, [rf.RunKey("aevb", 3)])
+        assert run.record["compiled"] is (compiled == "on")
+        rf.train([run], cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
+        results.append(evals_of(run))
+    out, err = capfd.readouterr()
+    assert "failed" not in out and "TensorFloat32" not in out + err
+    assert results[0] == pytest.approx(results[1], rel=1e-4, abs=1e-4)
+
+
+def test_cuda_benchmark_names_the_gpu(mnist_dir: Path, tmp_path: Path) -> None:
+    argv = ["--benchmark", "--benchmark-steps", "60", "--data-dir", str(mnist_dir)]
+    argv += ["--no-verify-data", "--out-dir", str(tmp_path), "--benchmark-json"]
+    assert rf.main([*argv, str(tmp_path / "b.json")]) == 0
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["gpu"] == torch.cuda.get_device_name() and saved["steps_per_s_all_runs"] > 0
 
 
 def test_cuda_sigint_then_resume_gives_the_uninterrupted_numbers(
@@ -110,12 +179,3 @@ def test_cuda_checkpoint_is_refused_on_the_cpu_with_one_line(
     )
     assert rf.main(resumable_args(mnist_dir, cpu_out, "--device", "cuda")) == 2
     assert "device 'cpu' -> 'cuda'" in capsys.readouterr().err
-
-
-def test_cuda_jobs_give_each_run_its_numbers_alone(mnist_dir: Path, tmp_path: Path) -> None:
-    for jobs in ("1", "2"):
-        args = tiny_args(mnist_dir, tmp_path / jobs, "--device", "cuda", "--jobs", jobs)
-        assert rf.main(args) == 0
-    assert measured(tmp_path / "1" / rf.RESULTS_NAME) == measured(tmp_path / "2" / rf.RESULTS_NAME)
-    runs = json.loads((tmp_path / "2" / rf.RESULTS_NAME).read_text())["runs"]
-    assert all(r["status"] == "done" for r in runs)

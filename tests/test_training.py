@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import signal
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_MNIST, tiny_config, train_n_z3
+from conftest import REAL_MNIST, tiny_config, train_n_z3, without_wall
 from torch.nn.functional import binary_cross_entropy_with_logits
 
 import reproduce_fig2 as rf
@@ -34,7 +36,7 @@ def test_weight_decay_shrinks_a_parameter_without_data_gradient(synthetic_data: 
     opts = rf.make_optimizers(vae, "aevb", lr=0.02, fused=True)
     w = vae.encoder[1].weight
     before = w[:, 0].detach().clone()
-    rf.aevb_step(vae, opts, x)
+    rf.aevb_step(vae, opts, x, torch.Generator().manual_seed(0))
     g = rf.WEIGHT_DECAY * before  # the gradient of ||theta||^2 / (2N)
     expected = before - 0.02 * g / (g.abs() + 1e-10)  # Adagrad's first step: state_sum = g^2
     assert torch.allclose(w[:, 0].detach(), expected, rtol=1e-5, atol=1e-9)
@@ -57,10 +59,9 @@ def test_eval_schedule_is_log_spaced_in_whole_minibatches_to_the_target() -> Non
 def test_training_raises_the_elbo_for_both_methods(synthetic_data: rf.Data) -> None:
     for method in rf.METHODS:
         cfg = tiny_config(methods=(method,))
-        rf.seed_everything(rf.setting_seed(cfg.seed, method, 3))
-        start = rf.evaluate_elbo(rf.build_vae(3, cfg.hidden_size), synthetic_data.train_eval)[
-            "elbo"
-        ]
+        record = {"seed": rf.setting_seed(cfg.seed, method, 3), "lr": 0.02, "compiled": False}
+        fresh = rf.new_run(rf.RunKey(method, 3), record, cfg, synthetic_data, torch.device("cpu"))
+        start = rf.evaluate_elbo(fresh.vae, synthetic_data.train_eval)["elbo"]
         run = train_n_z3(cfg, synthetic_data, method)
         assert run["status"] == "done" and [e["samples"] for e in run["evals"]] == [1000, 3000]
         assert run["evals"][-1]["train_elbo"] > start + 100, method
@@ -75,7 +76,7 @@ def test_wake_step_moves_only_the_decoder(synthetic_data: rf.Data) -> None:
         params_of(vae.encoder) + params_of(vae.sampling_layer),
         params_of(vae.decoder),
     )
-    rf.wake_step(vae, dec_opt, synthetic_data.train[:50])
+    rf.wake_step(vae, dec_opt, synthetic_data.train[:50], torch.Generator().manual_seed(0))
     assert all(unchanged(enc_before, rf.encoder_parameters(vae)))
     assert not any(unchanged(dec_before, vae.decoder.parameters()))
 
@@ -89,8 +90,7 @@ def test_sleep_step_moves_only_the_encoder_and_its_loss_is_log_q() -> None:
         params_of(vae.encoder) + params_of(vae.sampling_layer),
         params_of(vae.decoder),
     )
-    torch.manual_seed(42)
-    loss = rf.sleep_step(vae, enc_opt, 20)
+    loss = rf.sleep_step(vae, enc_opt, 20, torch.Generator().manual_seed(42))
     assert all(unchanged(dec_before, vae.decoder.parameters()))
     assert not any(unchanged(enc_before, rf.encoder_parameters(vae)))
 
@@ -111,8 +111,7 @@ def test_wake_loss_is_bernoulli_log_likelihood(synthetic_data: rf.Data) -> None:
     twin = copy.deepcopy(vae)
     dec_opt, _ = rf.make_optimizers(vae, "wake-sleep", 0.02, fused=True)
     x = synthetic_data.train[:30]
-    torch.manual_seed(7)
-    loss = rf.wake_step(vae, dec_opt, x)
+    loss = rf.wake_step(vae, dec_opt, x, torch.Generator().manual_seed(7))
     torch.manual_seed(7)
     with torch.no_grad():
         mu, log_var = twin.sampling_layer.get_params(twin.encoder(x))
@@ -146,8 +145,8 @@ def test_non_finite_loss_marks_the_run_diverged(
 ) -> None:
     original = rf.aevb_step
 
-    def poisoned(vae: rf.VAE, opts: list, x: torch.Tensor) -> torch.Tensor:
-        loss = original(vae, opts, x)
+    def poisoned(vae: rf.VAE, opts: list, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        loss = original(vae, opts, x, gen)
         with torch.no_grad():
             vae.decoder[2].bias.fill_(math.nan)
         return loss
@@ -188,8 +187,7 @@ def test_training_loss_is_the_libraries_compute_loss_objective(
     torch.manual_seed(0)
     vae = rf.build_vae(latent_dim, 32, init_std=0.3)
     x = synthetic_data.train[:50]
-    torch.manual_seed(5)
-    ours = rf.aevb_loss(vae, x)
+    ours = rf.aevb_loss(vae, x, torch.Generator().manual_seed(5))
     torch.manual_seed(5)  # the same noise: one eps per datapoint, drawn in the same order
     library = vae.compute_loss(x, vae(x, S=rf.MC_SAMPLES), likelihood="bernoulli").objective
     assert float(ours.detach()) == pytest.approx(float(library.detach()), rel=1e-6)
@@ -199,3 +197,66 @@ def test_training_loss_is_the_libraries_compute_loss_objective(
     library.backward()
     for mine, theirs in zip(ours_grads, (p.grad for p in vae.parameters()), strict=True):
         assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
+def lockstep_config() -> rf.Config:
+    """Both methods, two latent sizes, two seeds: eight runs of a second or two together."""
+    return tiny_config(
+        methods=rf.METHODS, latent_dims=(2, 3), seeds=2, samples=2000, evals_per_decade=4
+    )  # evaluated at 1,000, 1,800 and 2,000 samples
+
+
+def records(runs: list[rf.Run]) -> list[tuple[rf.RunKey, str, list[dict]]]:
+    """Each run's key, status and evaluations without wall-clock times."""
+    return [(r.key, r.status, [without_wall(e) for e in r.record["evals"]]) for r in runs]
+
+
+def start_all(cfg: rf.Config, data: rf.Data, store: rf.Checkpoints | None = None) -> list[rf.Run]:
+    """Every run of `cfg`, from its checkpoint in `store` where there is one."""
+    cpu = torch.device("cpu")
+    return [
+        rf.start_run(key, cfg, data, cpu, store.load(key) if store else None)
+        for key in rf.runs_of(cfg)
+    ]
+
+
+def test_runs_in_lockstep_give_the_numbers_of_each_run_alone(synthetic_data: rf.Data) -> None:
+    cfg = lockstep_config()
+    together = start_all(cfg, synthetic_data)
+    assert rf.train(together, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+    alone = start_all(cfg, synthetic_data)
+    for run in alone:
+        assert rf.train([run], cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+    assert records(together) == records(alone)
+    assert all(r.status == "done" and len(r.record["evals"]) == 3 for r in together)
+    assert len({str(r.record["evals"]) for r in together}) == 8  # eight different runs
+
+
+def test_a_stop_in_lockstep_then_resume_gives_the_uninterrupted_numbers(
+    synthetic_data: rf.Data, tmp_path: Path
+) -> None:
+    cfg = lockstep_config()
+    reference = start_all(cfg, synthetic_data)
+    rf.train(reference, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+    store = rf.Checkpoints(str(tmp_path), {"test": True})
+    kept: list[rf.RunKey] = []
+
+    def stop_midway(key: rf.RunKey, run: dict) -> None:
+        kept.append(key)
+        if len(kept) == 11:  # while the runs are kept at the second point: none reaches the third
+            rf.request_stop(signal.SIGINT, None)
+
+    first = start_all(cfg, synthetic_data)
+    try:
+        stopped = rf.train(
+            first, cfg, synthetic_data, rf.advance_eagerly, rf.Keeper(cfg, store, None, stop_midway)
+        )
+    finally:
+        rf.STOP_REQUEST.clear()
+    assert not stopped and {r.status for r in first} == {"interrupted"}
+    resumed = start_all(cfg, synthetic_data, store)
+    assert {r.samples for r in resumed} == {1800}  # each from its checkpoint
+    rf.train(resumed, cfg, synthetic_data, rf.advance_eagerly, rf.Keeper(cfg, store, None, print))
+    assert records(resumed) == records(reference)
+    assert not list(tmp_path.glob("checkpoints/*.pt"))  # finished runs drop their checkpoints
+    assert len(list(tmp_path.glob("models/*.pt"))) == 8
