@@ -82,7 +82,7 @@ DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
 THREADS: int = 0  # CPU threads per run; 0 shares the cores among the runs in flight
 JOBS: int = 2  # CPU: runs trained side by side in worker processes (2 x 1 thread on 2 cores)
 COMPILE: str = "auto"  # torch.compile the training step: "auto", "on" or "off"
-COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs this long on CUDA or 2+ threads
+COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs of this many samples on CUDA
 GRAPH_STEPS: int = 50  # CUDA: training steps captured in one CUDA graph, replayed as one launch
 ESTIMATE_STEPS: int = 20  # timed training steps per run for the wall-time estimate
 COMPILE_SECONDS: float = 20.0  # what compiling one run's step costs, for the estimate
@@ -184,8 +184,7 @@ class Config:
     jobs: int = flag(JOBS, "CPU: runs trained side by side in worker processes", type=positive(int))
     compile: str = flag(
         COMPILE,
-        f"torch.compile the training step (auto: runs of {COMPILE_MIN_SAMPLES:,}+ samples "
-        "on CUDA or with 2+ threads)",
+        f"torch.compile the training step (auto: runs of {COMPILE_MIN_SAMPLES:,}+ samples on CUDA)",
         choices=("auto", "on", "off"),
     )
     data_dir: str = flag(DATA_DIR, "folder that holds MNIST/raw/")
@@ -596,6 +595,12 @@ STEPS: dict[str, Step] = {"aevb": aevb_step, "wake-sleep": wake_sleep_step}  # b
 
 
 # ================================================================================ the runs
+def log(message: str) -> None:
+    """Print one line of ours at once, without breaking the progress bars."""
+    tqdm.write(message)
+    sys.stdout.flush()
+
+
 def eval_schedule(
     target: int,
     batch_size: int = BATCH_SIZE,
@@ -652,12 +657,6 @@ def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -
     another (the first seed of a setting leaves the index out of the derivation)."""
     text = f"{seed}/{method}/{latent_dim}" + f"/{seed_index}" * bool(seed_index)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-
-
-def log(message: str) -> None:
-    """Print one line of ours at once, without breaking the progress bars."""
-    tqdm.write(message)
-    sys.stdout.flush()
 
 
 @dataclass
@@ -718,26 +717,6 @@ def new_run(key: RunKey, record: dict, cfg: Config, data: Data, device: torch.de
     return Run(key, record, vae, opts, batches, gen, step)
 
 
-def pick_lr(
-    key: RunKey, cfg: Config, data: Data, device: torch.device
-) -> tuple[float, dict[str, float | None]]:
-    """The paper's step-size choice: the candidate whose short pilot scores the best train ELBO."""
-    scores: dict[str, float | None] = {}  # None: the pilot diverged (scored worst)
-    pilot_end = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)[-1]
-    for lr in LR_CANDIDATES:
-        record = {"seed": setting_seed(cfg.seed, *key), "lr": lr, "compiled": False}
-        pilot = new_run(key, record, cfg, data, device)
-        if not advance_eagerly([pilot], pilot_end):
-            raise Interrupted(128 + STOP_REQUEST[0])
-        finite = bool(torch.isfinite(pilot.loss))
-        score = evaluate_elbo(pilot.vae, data.train_eval, cfg.seed)["elbo"] if finite else math.nan
-        scores[repr(lr)] = score if math.isfinite(score) else None
-        log(f"[{key.name}] pilot lr {lr}: train ELBO {score:.3f} after {pilot_end:,} samples")
-    best = max(LR_CANDIDATES, key=lambda lr: -math.inf if (s := scores[repr(lr)]) is None else s)
-    log(f"[{key.name}] chose lr {best}")
-    return best, scores
-
-
 STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
 
 
@@ -778,12 +757,7 @@ def train(runs: list[Run], cfg: Config, data: Data, advance: Advance, keep: Keep
             if run.samples == point:  # not cut short by a stop request
                 score(run, evaluate_point(run.vae, data, cfg.seed))
             if run.status == "running" and run.samples == end:
-                k = cfg.iw_samples
-                run.record["log_px"] = {
-                    "test": estimate_log_px(run.vae, data.test_eval, k, cfg.seed),
-                    "k": k,
-                }
-                run.record["status"] = "done"
+                finish(run, data, cfg)
             elif run.status == "running" and stopped:
                 run.record["status"] = "interrupted"
             keep(run)
@@ -801,6 +775,33 @@ def score(run: Run, evaluation: dict[str, float]) -> None:
         )
     else:
         run.record["status"], run.record["diverged_at"] = "diverged", run.samples
+
+
+def finish(run: Run, data: Data, cfg: Config) -> None:
+    """Close a run that reached its last point: its test log p(x) estimate, and done."""
+    k = cfg.iw_samples
+    run.record["log_px"] = {"test": estimate_log_px(run.vae, data.test_eval, k, cfg.seed), "k": k}
+    run.record["status"] = "done"
+
+
+def pick_lr(
+    key: RunKey, cfg: Config, data: Data, device: torch.device
+) -> tuple[float, dict[str, float | None]]:
+    """The paper's step-size choice: the candidate whose short pilot scores the best train ELBO."""
+    scores: dict[str, float | None] = {}  # None: the pilot diverged (scored worst)
+    pilot_end = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)[-1]
+    for lr in LR_CANDIDATES:
+        record = {"seed": setting_seed(cfg.seed, *key), "lr": lr, "compiled": False}
+        pilot = new_run(key, record, cfg, data, device)
+        if not advance_eagerly([pilot], pilot_end):
+            raise Interrupted(128 + STOP_REQUEST[0])
+        finite = bool(torch.isfinite(pilot.loss))
+        score = evaluate_elbo(pilot.vae, data.train_eval, cfg.seed)["elbo"] if finite else math.nan
+        scores[repr(lr)] = score if math.isfinite(score) else None
+        log(f"[{key.name}] pilot lr {lr}: train ELBO {score:.3f} after {pilot_end:,} samples")
+    best = max(LR_CANDIDATES, key=lambda lr: -math.inf if (s := scores[repr(lr)]) is None else s)
+    log(f"[{key.name}] chose lr {best}")
+    return best, scores
 
 
 def pending_record(key: RunKey) -> dict:
@@ -997,15 +998,16 @@ def threads_for(cfg: Config, in_flight: int) -> int:
     return cfg.threads or max(1, cpu_count() // max(1, in_flight))
 
 
-def use_compile(cfg: Config, threads: int, device: torch.device) -> bool:
-    """Whether a run's step is compiled: "auto" compiles long runs on CUDA or with 2+ threads.
+def use_compile(cfg: Config, device: torch.device) -> bool:
+    """Whether a run's step is compiled: "auto" compiles long runs on CUDA only.
 
-    With one CPU thread, compiling was measured to gain nothing on the 2-core machines the
-    README reports (and about 10 % with two), while costing about 20 s per run.
+    On the CPU the compiled step breaks its graph where the run's generator draws noise and
+    was measured no faster than the eager one (2-core AMD EPYC, 2026-11-26: 165 against 171
+    steps/s at two threads), while costing about 20 s per run.
     """
     if cfg.compile != "auto":
         return cfg.compile == "on"
-    return cfg.samples >= COMPILE_MIN_SAMPLES and (device.type == "cuda" or threads > 1)
+    return cfg.samples >= COMPILE_MIN_SAMPLES and device.type == "cuda"
 
 
 def quiet_third_party() -> None:
@@ -1060,10 +1062,9 @@ def start_run(
         record = pending_record(key) | {"status": "running", "seed": seed, "threads": threads}
         if cfg.lr == "auto":
             record["lr"], record["lr_pilot_scores"] = pick_lr(key, cfg, data, device)
-            stop_if_requested()
         else:
             record["lr"] = cfg.lr
-        record["compiled"] = use_compile(cfg, threads, device)
+        record["compiled"] = use_compile(cfg, device)
     run = new_run(key, record, cfg, data, device)
     if checkpoint:
         load_run_state(run, checkpoint)
@@ -1083,6 +1084,8 @@ def compiled_step(run: Run) -> Callable[[], torch.Tensor]:
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True  # eager's random numbers, from the same generator
+    # every run's step is the same function over other objects: one compilation per run
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     eager, compiled = run.step, torch.compile(run.step)
 
     def first_call() -> torch.Tensor:
@@ -1614,7 +1617,7 @@ class Progress:
                 mininterval=1.0,
             )
         evals = run["evals"]
-        for e in evals[self.seen.get(key, 0) :]:
+        for e in evals[self.seen.get(key, max(0, len(evals) - 1)) :]:  # a resumed run: its last
             log(fmt_eval(key.name, e))
             self.bars[key].update(e["samples"] - self.bars[key].n)
             self.bars[key].set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
@@ -1914,7 +1917,7 @@ def estimate_workers(
         if cfg.lr == "auto" and not evals:  # the pilots, each scored on the training set
             pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[kind] + eval_s[threads]
             seconds += len(LR_CANDIDATES) * pilot
-        return seconds + COMPILE_SECONDS * use_compile(cfg, threads, device)
+        return seconds + COMPILE_SECONDS * use_compile(cfg, device)
 
     now, ends = 0.0, []  # the end times of the runs in flight
     try:
@@ -1950,9 +1953,7 @@ def benchmark(cfg: Config, device: torch.device) -> dict[str, float | str | None
     an evaluation, the machine's matrix product and the peak memory; JSON too if asked."""
     data, source = benchmark_data(cfg, device)
     threads = torch.get_num_threads()
-    compiled = use_compile(
-        replace(cfg, samples=max(cfg.samples, COMPILE_MIN_SAMPLES)), threads, device
-    )
+    compiled = use_compile(replace(cfg, samples=max(cfg.samples, COMPILE_MIN_SAMPLES)), device)
     log(
         f"benchmark: batch {cfg.batch_size}, {source}, {device}, {threads} threads, "
         f"{'compiled' if compiled else 'eager'} step"
@@ -2082,7 +2083,7 @@ def plain_step(cfg: Config, device: torch.device, images: torch.Tensor) -> Calla
             loss = (rec + 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()) / len(x)
             loss.backward()
             opt.step()
-        return float(loss)  # waits for the device
+        return float(loss.detach())  # waits for the device
 
     return steps
 
