@@ -986,6 +986,15 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_name() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it where it exists."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def in_workers(cfg: Config, device: torch.device, todo: list[RunKey]) -> bool:
     """Whether the runs train in worker processes (CPU, --jobs above 1, several runs) rather
     than all in flight in this process."""
@@ -1367,10 +1376,7 @@ FINISHED = ("done", "diverged")  # statuses of runs that a rerun skips
 
 def environment(device: torch.device, threads: int) -> dict:
     """Versions and machine facts that a reader of the results needs."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "python": platform.python_version(),
         **package_versions(),
@@ -1497,9 +1503,8 @@ class ResultsFolder:
     def read(self) -> dict[RunKey, dict]:
         """Every run file in the folder by run; CheckpointError for one that is unreadable or
         was made with other settings."""
-        names = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
         runs = {}
-        for name in (n for n in names if n.endswith(".json")):
+        for name in sorted(glob_json(self.folder)):
             path = os.path.join(self.folder, name)
             try:
                 with open(path) as f:
@@ -1512,11 +1517,12 @@ class ResultsFolder:
         return runs
 
     def save_run(self, run: dict) -> None:
-        """Write one run's file atomically (its fingerprint, this process's environment, it),
-        then rebuild the combined results, and at most every FIGURE_EVERY_S s the figure."""
+        """Write one run's file atomically (its fingerprint, this process's config and
+        environment, the run), then rebuild the combined results, and at most every
+        FIGURE_EVERY_S seconds the figure."""
         os.makedirs(self.folder, exist_ok=True)
-        saved = {"fingerprint": self.fingerprint, "environment": self.header["environment"]}
-        write_json_atomic(saved | {"run": run}, self.path(RunKey.of(run)))
+        saved = {"fingerprint": self.fingerprint, **self.header, "run": run}
+        write_json_atomic(saved, self.path(RunKey.of(run)))
         png = os.path.join(self.out_dir, FIGURE_NAME)
         stale = not os.path.exists(png) or time.time() - os.path.getmtime(png) > FIGURE_EVERY_S
         self.publish(figure=stale)
@@ -1584,7 +1590,7 @@ def redraw(out_dir: str) -> bool:
         return False
     with open(os.path.join(runs_dir, names[0])) as f:
         first = json.load(f)
-    header = {"config": {}, "environment": first["environment"]}
+    header = {"config": first["config"], "environment": first["environment"]}
     ResultsFolder(out_dir, first["fingerprint"], header, ()).publish()
     return True
 

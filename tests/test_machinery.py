@@ -534,6 +534,7 @@ def test_the_combined_json_is_an_output_rebuilt_from_the_run_files(
     (out / rf.FIGURE_NAME).unlink()
     assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
     assert measured(out / rf.RESULTS_NAME) == before and (out / rf.FIGURE_NAME).exists()
+    assert json.loads((out / rf.RESULTS_NAME).read_text())["config"]["samples"] == 1200
     (out / rf.RESULTS_NAME).write_text('{"runs": [')  # cut short
     assert rf.main(tiny_args(mnist_dir, out)) == 0  # never a reason to refuse
     assert measured(out / rf.RESULTS_NAME) == before
