@@ -77,9 +77,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_numbers(
         resumable_args(mnist_dir, out), out / "checkpoints" / "aevb_nz2.pt", signal.SIGKILL
     )
     assert rf.main(resumable_args(mnist_dir, out)) == 0
-    assert "[aevb N_z=2] resumed from its checkpoint at" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[aevb N_z=2] resumed from its checkpoint at" in printed
     assert measured(out / rf.RESULTS_NAME) == reference
     assert not (out / "checkpoints" / "aevb_nz2.pt").exists()  # a finished run drops its checkpoint
+    # the evaluations from before the kill are not printed again
+    lines = [line for line in printed.splitlines() if line.startswith("[aevb N_z=2] samples")]
+    (_, _, _, evals) = reference[0]
+    resumed_at = int(re.search(r"checkpoint at ([\d,]+)", printed).group(1).replace(",", ""))
+    assert len(lines) == len([e for e in evals if e["samples"] > resumed_at])
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
