@@ -1094,7 +1094,9 @@ def compiled_step(run: Run) -> Callable[[], torch.Tensor]:
 
     inductor_config.fallback_random = True  # eager's random numbers, from the same generator
     # every run's step is the same function over other objects: one compilation per run
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))  # torch 2.5 knew the old name
     eager, compiled = run.step, torch.compile(run.step)
 
     def first_call() -> torch.Tensor:
