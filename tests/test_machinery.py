@@ -518,8 +518,8 @@ def test_a_killed_holder_leaves_a_lock_the_next_run_takes(
     mnist_dir: Path, tmp_path: Path, reference: list[tuple], capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    ckpt = out / "checkpoints" / "aevb_nz2.pt"
-    stop_at_first_checkpoint(resumable_args(mnist_dir, out), ckpt, signal.SIGKILL)
+    run_file = out / "runs" / "aevb_nz2.json"  # written after the run's first checkpoint
+    stop_at_first_checkpoint(resumable_args(mnist_dir, out), run_file, signal.SIGKILL)
     lock = out / "runs" / "aevb_nz2.lock"
     assert lock.exists() and rf.lock_holder(str(lock)) is None  # the kill released it
     assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
