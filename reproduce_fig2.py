@@ -84,7 +84,7 @@ JOBS: int = 2  # CPU: runs trained side by side in worker processes (2 x 1 threa
 COMPILE: str = "auto"  # torch.compile the training step: "auto", "on" or "off"
 COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs of this many samples on CUDA
 GRAPH_STEPS: int = 50  # CUDA: training steps captured in one CUDA graph, replayed as one launch
-ESTIMATE_STEPS: int = 20  # timed training steps per run for the wall-time estimate
+ESTIMATE_STEPS: int = 20  # timed steps per run for the time estimate (CUDA: 4 graph launches)
 COMPILE_SECONDS: float = 20.0  # what compiling one run's step costs, for the estimate
 BENCHMARK_STEPS: int = 100  # training steps per timing window of --benchmark
 BENCHMARK_WINDOWS: int = 5  # timing windows of --benchmark (after one warm-up window)
@@ -685,7 +685,7 @@ class Run:
     step: Callable[[], torch.Tensor]  # one training step on the next minibatch; returns its loss
     samples: int = 0
     loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # of its latest step
-    clock: Clock = field(default_factory=lambda: Clock())
+    clock: Clock = field(default_factory=Clock)
 
     @property
     def status(self) -> str:
