@@ -1145,18 +1145,23 @@ class CudaGraphs:
         while not STOP_REQUEST and (moving := [r for r in graphed if r.samples < target]):
             for run in moving:
                 stream, graphs, losses = self.graphs[id(run)]  # type: ignore[misc]
-                with torch.cuda.stream(stream):
-                    steps = min(
-                        (target - run.samples) // run.batches.batch_size, run.batches.left()
-                    )
-                    n = self.steps if steps >= self.steps else 1
+                with torch.cuda.stream(stream):  # a new epoch's order, if due, on its stream
+                    n = self.next_replay(run, target)
                     graphs[n].replay()
-                run.batches.pos += n  # the graph moved the device's count, not the host's
-                run.samples += n * run.batches.batch_size
                 run.loss = losses[n]
         for run in graphed:
             torch.cuda.current_stream().wait_stream(self.graphs[id(run)][0])  # type: ignore[index]
         return advance_eagerly([r for r in runs if self.graphs[id(r)] is None], target)
+
+    def next_replay(self, run: Run, target: int) -> int:
+        """Steps of the run's next replay, counted on the host as taken (the graph moves only
+        the device's count): the long graph while it fits before both the target and the end
+        of the epoch (a graph cannot start a new one), else the one-step graph."""
+        steps = min((target - run.samples) // run.batches.batch_size, run.batches.left())
+        n = self.steps if steps >= self.steps else 1
+        run.batches.pos += n
+        run.samples += n * run.batches.batch_size
+        return n
 
     def capture(self, run: Run) -> tuple[torch.cuda.Stream, dict[int, Any], dict[int, Any]] | None:
         """The run's stream, graphs and their loss outputs by steps per replay; None (and a

@@ -260,3 +260,26 @@ def test_a_stop_in_lockstep_then_resume_gives_the_uninterrupted_numbers(
     assert records(resumed) == records(reference)
     assert not list(tmp_path.glob("checkpoints/*.pt"))  # finished runs drop their checkpoints
     assert len(list(tmp_path.glob("models/*.pt"))) == 8
+
+
+def test_graph_replays_stop_at_the_target_and_never_cross_an_epoch(
+    synthetic_data: rf.Data,
+) -> None:
+    # the host's bookkeeping of the CUDA engine, which needs no GPU: 400 images are 8
+    # minibatches of 50 per epoch, graphs of 3 steps
+    cfg, engine = tiny_config(), rf.CudaGraphs(steps=3)
+    (run,) = start_all(cfg, synthetic_data)
+    chunks: dict[int, list[int]] = {}
+    for target in (350, 1000, 2050):  # evaluation points off the epochs' ends
+        while run.samples < target:
+            left = run.batches.left()
+            n = engine.next_replay(run, target)  # a replay would follow here on a GPU
+            assert n <= left and run.samples <= target
+            chunks.setdefault(target, []).append(n)
+        assert run.samples == target
+    # the long graph wherever it fits, single steps to an epoch's end or to the target
+    assert chunks == {
+        350: [3, 3, 1],
+        1000: [1, 3, 3, 1, 1, 3, 1],
+        2050: [3, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1],
+    }
