@@ -1859,13 +1859,14 @@ def advance_by(runs: list[Run], steps: int, advance: Advance) -> None:
         float(run.loss)  # waits for the device
 
 
-def seconds_per_step(runs: list[Run], advance: Advance, device: torch.device) -> float:
+def seconds_per_step(runs: list[Run], advance: Advance) -> float:
     """Seconds per training step of all `runs` together on `advance`, timed after a warm-up
     (first-call allocations, compiling, graph capture); the runs are then put back."""
     saved = [run_state(run) for run in runs]
-    steps = ESTIMATE_STEPS if device.type == "cpu" else max(ESTIMATE_STEPS, 4 * GRAPH_STEPS)
+    cpu = runs[0].batches.images.device.type == "cpu"
+    steps = ESTIMATE_STEPS if cpu else max(ESTIMATE_STEPS, 4 * GRAPH_STEPS)
     try:
-        advance_by(runs, 1 if device.type == "cpu" else GRAPH_STEPS, advance)
+        advance_by(runs, 1 if cpu else GRAPH_STEPS, advance)
         start = time.perf_counter()
         advance_by(runs, steps, advance)
         return (time.perf_counter() - start) / steps
@@ -1881,11 +1882,16 @@ def seconds_per_evaluation(vae: VAE, data: Data, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def closing_seconds(cfg: Config, data: Data, eval_s: float) -> float:
-    """Seconds of a finished run's log p(x) estimate: K decodes of each test image, each about
-    2/3 of a full evaluation's pass."""
+def seconds_left(cfg: Config, data: Data, done: int, step_s: float, eval_s: float) -> float:
+    """Seconds a run that has trained `done` samples still needs: its steps, its evaluations
+    and its closing log p(x) estimate (K decodes of each test image, each about 2/3 of a full
+    evaluation's pass); none for a run evaluated to its end."""
+    points = [p for p in schedule_of(cfg) if p > done]
+    if not points:
+        return 0.0
     test_share = len(data.test_eval) / (len(data.train_eval) + len(data.test_eval))
-    return eval_s * cfg.iw_samples * test_share * 2 / 3
+    closing = eval_s * cfg.iw_samples * test_share * 2 / 3
+    return (points[-1] - done) / cfg.batch_size * step_s + len(points) * eval_s + closing
 
 
 def estimate_in_flight(runs: list[Run], cfg: Config, data: Data, advance: Advance) -> float:
@@ -1893,13 +1899,11 @@ def estimate_in_flight(runs: list[Run], cfg: Config, data: Data, advance: Advanc
     runs themselves, one evaluation timed, the rest counted."""
     if not runs:
         return 0.0
-    device = runs[0].batches.images.device
-    step_s = seconds_per_step(runs, advance, device)
+    step_s = seconds_per_step(runs, advance)
     eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
-    schedule = schedule_of(cfg)
-    steps = max((schedule[-1] - run.samples) // cfg.batch_size for run in runs)
-    points = sum(len([p for p in schedule if p > run.samples]) for run in runs)
-    return steps * step_s + points * eval_s + len(runs) * closing_seconds(cfg, data, eval_s)
+    steps = max((schedule_of(cfg)[-1] - run.samples) // cfg.batch_size for run in runs)
+    evaluations = sum(seconds_left(cfg, data, run.samples, 0.0, eval_s) for run in runs)
+    return steps * step_s + evaluations  # the steps of all runs together, evaluations one by one
 
 
 def estimate_workers(
@@ -1910,7 +1914,7 @@ def estimate_workers(
     replayed."""
     step_s: dict[tuple[str, int, int], float] = {}
     eval_s: dict[int, float] = {}
-    schedule, threads_now = schedule_of(cfg), torch.get_num_threads()
+    threads_now = torch.get_num_threads()
 
     def duration(key: RunKey, threads: int) -> float:
         kind = (key.method, key.latent_dim, threads)  # seeds of one setting cost the same
@@ -1918,15 +1922,13 @@ def estimate_workers(
         if kind not in step_s:
             record = {"seed": 0, "lr": cfg.timing_lr, "compiled": False}
             run = new_run(key, record, cfg, data, device)
-            step_s[kind] = seconds_per_step([run], advance_eagerly, device)
+            step_s[kind] = seconds_per_step([run], advance_eagerly)
             eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
         evals = on_disk.get(key, pending_record(key))["evals"]
         done = evals[-1]["samples"] if evals else 0
-        points = [p for p in schedule if p > done]
-        if not points:  # evaluated to the end; another process is finishing it
+        seconds = seconds_left(cfg, data, done, step_s[kind], eval_s[threads])
+        if not seconds:  # evaluated to the end; another process is finishing it
             return 0.0
-        seconds = (points[-1] - done) / cfg.batch_size * step_s[kind]
-        seconds += len(points) * eval_s[threads] + closing_seconds(cfg, data, eval_s[threads])
         if cfg.lr == "auto" and not evals:  # the pilots, each scored on the training set
             pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[kind] + eval_s[threads]
             seconds += len(LR_CANDIDATES) * pilot
