@@ -683,6 +683,7 @@ class Run:
     batches: Batches
     gen: torch.Generator
     step: Callable[[], torch.Tensor]  # one training step on the next minibatch; returns its loss
+    eager_step: Callable[[], torch.Tensor]  # the same step without torch.compile
     samples: int = 0
     loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # of its latest step
     clock: Clock = field(default_factory=Clock)
@@ -714,7 +715,7 @@ def new_run(key: RunKey, record: dict, cfg: Config, data: Data, device: torch.de
         x = batches.take()
         return method_step(vae, opts, torch.bernoulli(x, generator=gen) if binarize else x, gen)
 
-    return Run(key, record, vae, opts, batches, gen, step)
+    return Run(key, record, vae, opts, batches, gen, step, step)
 
 
 STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
@@ -1089,7 +1090,7 @@ def start_run(
 
 def compiled_step(run: Run) -> Callable[[], torch.Tensor]:
     """The run's step under torch.compile; if compiling fails, a one-line notice and the eager
-    step from where the run stood."""
+    step from where the run stood, recorded as the run's mode."""
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True  # eager's random numbers, from the same generator
@@ -1097,7 +1098,7 @@ def compiled_step(run: Run) -> Callable[[], torch.Tensor]:
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), 64))  # torch 2.5 knew the old name
-    eager, compiled = run.step, torch.compile(run.step)
+    compiled = torch.compile(run.eager_step)
 
     def first_call() -> torch.Tensor:
         saved = run_state(run)
@@ -1105,13 +1106,19 @@ def compiled_step(run: Run) -> Callable[[], torch.Tensor]:
             loss = compiled()
             run.step = compiled
         except Exception as exc:  # noqa: BLE001 (a compiler problem must never end the run)
-            log(f"notice: torch.compile failed ({one_line(exc)}); training eagerly instead")
+            log(f"notice: [{run.key.name}] torch.compile failed ({one_line(exc)}); eager steps")
             load_run_state(run, saved)  # undo whatever part of the step ran
-            run.step = eager
-            loss = eager()
+            train_eagerly(run)
+            loss = run.step()
         return loss
 
     return first_call
+
+
+def train_eagerly(run: Run) -> None:
+    """Give up the run's compiled step for its eager one, and record it (a resumed run keeps
+    the mode it trained in)."""
+    run.step, run.record["compiled"] = run.eager_step, False
 
 
 def one_line(exc: BaseException) -> str:
@@ -1120,12 +1127,22 @@ def one_line(exc: BaseException) -> str:
 
 
 # -------------------------------------------------------------------------------- CUDA graphs
+class Graphed(NamedTuple):
+    """A run's own CUDA stream, and its captured graphs and their loss outputs by steps per
+    replay."""
+
+    stream: torch.cuda.Stream
+    graphs: dict[int, torch.cuda.CUDAGraph]
+    losses: dict[int, torch.Tensor]
+
+
 class CudaGraphs:
     """Advances runs on a GPU: each run's training steps captured once as CUDA graphs (of
     GRAPH_STEPS steps and of one step) and replayed on the run's own stream, the runs side by
     side, with no host synchronisation until the target. Each graph draws from the run's own
-    generator, so a run's numbers do not depend on the runs beside it. A run whose capture
-    fails says so in one line and trains eagerly.
+    generator, so a run's numbers do not depend on the runs beside it. A compiled step whose
+    capture fails is captured again without torch.compile; a run whose eager step cannot be
+    captured either says so in one line and trains with eager steps.
 
     Adagrad's step counters live on the CPU and do not advance in a replay; with no step-size
     decay (the paper's Adagrad) nothing reads them.
@@ -1133,24 +1150,24 @@ class CudaGraphs:
 
     def __init__(self, steps: int = GRAPH_STEPS) -> None:
         self.steps = steps
-        self.graphs: dict[int, tuple[torch.cuda.Stream, dict[int, Any], dict[int, Any]] | None]
-        self.graphs = {}
+        self.graphs: dict[int, Graphed | None] = {}  # by id(run); None: the capture failed
 
     def advance(self, runs: list[Run], target: int) -> bool:
         """advance_eagerly's contract: every run to `target` samples unless a stop request."""
         for run in runs:
             if id(run) not in self.graphs:
                 self.graphs[id(run)] = self.capture(run)
-        graphed = [run for run in runs if self.graphs[id(run)] is not None]
-        while not STOP_REQUEST and (moving := [r for r in graphed if r.samples < target]):
-            for run in moving:
-                stream, graphs, losses = self.graphs[id(run)]  # type: ignore[misc]
-                with torch.cuda.stream(stream):  # a new epoch's order, if due, on its stream
+        graphed = [(run, g) for run in runs if (g := self.graphs[id(run)]) is not None]
+        for _, g in graphed:  # after all the host queued before: restored states, evaluations
+            g.stream.wait_stream(torch.cuda.current_stream())
+        while not STOP_REQUEST and (moving := [rg for rg in graphed if rg[0].samples < target]):
+            for run, g in moving:
+                with torch.cuda.stream(g.stream):  # a new epoch's order, if due, on its stream
                     n = self.next_replay(run, target)
-                    graphs[n].replay()
-                run.loss = losses[n]
-        for run in graphed:
-            torch.cuda.current_stream().wait_stream(self.graphs[id(run)][0])  # type: ignore[index]
+                    g.graphs[n].replay()
+                run.loss = g.losses[n]
+        for _, g in graphed:
+            torch.cuda.current_stream().wait_stream(g.stream)
         return advance_eagerly([r for r in runs if self.graphs[id(r)] is None], target)
 
     def next_replay(self, run: Run, target: int) -> int:
@@ -1163,38 +1180,46 @@ class CudaGraphs:
         run.samples += n * run.batches.batch_size
         return n
 
-    def capture(self, run: Run) -> tuple[torch.cuda.Stream, dict[int, Any], dict[int, Any]] | None:
-        """The run's stream, graphs and their loss outputs by steps per replay; None (and a
-        notice) if capturing fails. The warm-up steps before capture are undone."""
+    def capture(self, run: Run) -> Graphed | None:
+        """The run's stream and graphs, the run put back where it stood; if capturing fails, a
+        one-line notice and the eager step captured instead of a compiled one, else None."""
         saved = run_state(run)
-        stream = torch.cuda.Stream()
         try:
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # lazy initialisation (and compiling) happen outside capture
-                    run.batches.left()
-                    run.step()
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize()
-            load_run_state(run, saved)
-            run.batches.left()  # a capture must not start a new epoch
-            graphs, losses = {}, {}
-            for n in (self.steps, 1):
-                graph = torch.cuda.CUDAGraph()
-                graph.register_generator_state(run.gen)
-                with torch.cuda.graph(graph, stream=stream):
-                    for _ in range(n):
-                        loss = run.step()
-                graphs[n], losses[n] = graph, loss
-            load_run_state(run, saved)  # the host's minibatch count, moved by the capture
-            return stream, graphs, losses
+            return self.record(run, saved)
         except Exception as exc:  # noqa: BLE001 (a capture problem must never end the run)
-            log(
-                f"notice: [{run.key.name}] CUDA graph capture failed ({one_line(exc)}); eager steps"
-            )
             torch.cuda.synchronize()
             load_run_state(run, saved)
+            failed = f"notice: [{run.key.name}] CUDA graph capture failed ({one_line(exc)})"
+            if run.step is not run.eager_step:
+                log(f"{failed}; capturing the step without torch.compile")
+                train_eagerly(run)
+                return self.capture(run)
+            log(f"{failed}; eager steps")
             return None
+
+    def record(self, run: Run, saved: dict) -> Graphed:
+        """Capture the run's graphs on a new stream after a warm-up (where lazy initialisation
+        and compiling happen), then put the run back to `saved`."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                run.batches.left()
+                run.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        load_run_state(run, saved)
+        run.batches.left()  # a capture must not start a new epoch
+        graphs, losses = {}, {}
+        for n in (self.steps, 1):
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(run.gen)
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(n):
+                    loss = run.step()
+            graphs[n], losses[n] = graph, loss
+        load_run_state(run, saved)  # the host's minibatch count, moved by the capture
+        return Graphed(stream, graphs, losses)
 
 
 # -------------------------------------------------------------------------------- files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,35 @@ def test_cuda_a_failed_capture_trains_eagerly_after_one_line(
     assert notices == [
         "notice: [aevb N_z=3] CUDA graph capture failed (RuntimeError: capture not supported); "
         "eager steps"
+    ]
+    assert evals_of(run) == evals_of(reference)
+
+
+def test_cuda_a_compiled_step_that_cannot_be_captured_is_captured_without_compile(
+    synthetic_data: rf.Data, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    data = on_cuda(synthetic_data)
+    eager_cfg, cfg = (tiny_config(device="cuda", compile=c) for c in ("off", "on"))
+    (reference,) = cuda_runs(eager_cfg, data, [rf.RunKey("aevb", 3)])
+    rf.train([reference], eager_cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
+
+    def uncapturable(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def compiled() -> torch.Tensor:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("not capturable")
+            return step()
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", uncapturable)
+    (run,) = cuda_runs(cfg, data, [rf.RunKey("aevb", 3)])
+    engine = rf.CudaGraphs(steps=7)
+    assert rf.train([run], cfg, data, engine.advance, lambda run: None)
+    assert engine.graphs[id(run)] is not None and run.record["compiled"] is False
+    notices = [line for line in capsys.readouterr().out.splitlines() if "notice" in line]
+    assert notices == [
+        "notice: [aevb N_z=3] CUDA graph capture failed (RuntimeError: not capturable); "
+        "capturing the step without torch.compile"
     ]
     assert evals_of(run) == evals_of(reference)
 

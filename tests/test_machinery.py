@@ -290,9 +290,9 @@ def test_jobs_2_gives_the_numbers_of_jobs_1(mnist_dir: Path, tmp_path: Path) -> 
     )
 
 
-def three_steps(data: rf.Data, compile_step: bool) -> list[float]:
+def three_steps(data: rf.Data, compile_step: bool) -> tuple[list[float], rf.Run]:
     """Losses of three AEVB steps of an N_z = 3 run (its step compiled if asked), then every
-    parameter's sum."""
+    parameter's sum; and the run."""
     record = {"seed": 0, "lr": 0.02, "compiled": compile_step}
     run = rf.new_run(rf.RunKey("aevb", 3), record, tiny_config(), data, torch.device("cpu"))
     if compile_step:
@@ -302,7 +302,7 @@ def three_steps(data: rf.Data, compile_step: bool) -> list[float]:
     for _ in range(2):
         run.batches.left()
         losses.append(float(run.step()))
-    return losses + [float(p.detach().sum()) for p in run.vae.parameters()]
+    return losses + [float(p.detach().sum()) for p in run.vae.parameters()], run
 
 
 def test_forced_compile_failure_falls_back_to_eager(
@@ -318,11 +318,11 @@ def test_forced_compile_failure_falls_back_to_eager(
     monkeypatch.setattr(torch, "compile", broken_compile)
     # the fallback's Adagrad is the foreach kernel where eager's is the fused one: same maths,
     # float rounding apart
-    assert three_steps(synthetic_data, compile_step=True) == pytest.approx(
-        three_steps(synthetic_data, compile_step=False), rel=1e-5, abs=1e-6
-    )
+    (fallback, run), (eager, _) = (three_steps(synthetic_data, c) for c in (True, False))
+    assert fallback == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    assert run.step is run.eager_step and run.record["compiled"] is False  # resumes eagerly
     assert (
-        "notice: torch.compile failed (RuntimeError: no C++ compiler); training eagerly instead"
+        "notice: [aevb N_z=3] torch.compile failed (RuntimeError: no C++ compiler); eager steps"
         in capsys.readouterr().out
     )
 
@@ -331,10 +331,9 @@ def test_compiled_step_matches_eager_and_compiles_quietly(
     synthetic_data: rf.Data, capfd: pytest.CaptureFixture[str]
 ) -> None:
     rf.quiet_third_party()
-    compiled = three_steps(synthetic_data, compile_step=True)
-    eager = three_steps(synthetic_data, compile_step=False)
+    (compiled, run), (eager, _) = (three_steps(synthetic_data, c) for c in (True, False))
     out, err = capfd.readouterr()
-    assert "torch.compile failed" not in out  # it really compiled
+    assert "torch.compile failed" not in out and run.record["compiled"]  # it really compiled
     # inductor's and dynamo's notices that say nothing to our user are silenced at their source
     assert "No CUDA runtime" not in err and "Profiler record function" not in err
     # same maths, same noise; float rounding apart

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,138 @@ def test_graph_replays_stop_at_the_target_and_never_cross_an_epoch(
         1000: [1, 3, 3, 1, 1, 3, 1],
         2050: [3, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1],
     }
+
+
+class StandInStream:
+    """torch.cuda.Stream on the CPU: nothing to order; counts the times a stream of a run was
+    ordered after the host's stream."""
+
+    host: StandInStream
+    waits_for_host = 0
+
+    def wait_stream(self, other: StandInStream) -> None:
+        StandInStream.waits_for_host += other is StandInStream.host and self is not other
+
+
+class StandInGraph:
+    """torch.cuda.CUDAGraph on the CPU: a replay runs the captured run's steps, the host's
+    minibatch count left alone as a real replay leaves it (the engine counts on the host)."""
+
+    capturing = False
+    run: rf.Run
+    steps: int
+
+    def register_generator_state(self, gen: torch.Generator) -> None:
+        pass
+
+    def replay(self) -> None:
+        pos = self.run.batches.pos
+        for _ in range(self.steps):
+            self.run.step()
+        self.run.batches.pos = pos
+
+
+class StandInEngine(rf.CudaGraphs):
+    """The CUDA engine over stand-in graphs, each told which run and how many steps it holds."""
+
+    def record(self, run: rf.Run, saved: dict) -> rf.Graphed:
+        graphed = super().record(run, saved)
+        for steps, graph in graphed.graphs.items():
+            graph.run, graph.steps = run, steps  # type: ignore[attr-defined]
+        return graphed
+
+
+@pytest.fixture
+def stand_in_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.cuda's streams and graphs replaced by stand-ins that run on the CPU (a capture
+    runs its steps for real there: the engine must undo them)."""
+
+    @contextlib.contextmanager
+    def graph(graph: StandInGraph, stream: StandInStream) -> Iterator[None]:
+        StandInGraph.capturing = True
+        try:
+            yield
+        finally:
+            StandInGraph.capturing = False
+
+    StandInStream.host, StandInStream.waits_for_host = StandInStream(), 0
+    monkeypatch.setattr(torch.cuda, "Stream", StandInStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: StandInStream.host)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: StandInGraph.capturing)
+
+
+def test_the_cuda_engine_gives_the_eager_numbers_over_stand_in_graphs(
+    synthetic_data: rf.Data, stand_in_cuda: None
+) -> None:
+    # the engine's own logic on the CPU: capture undone, replays counted on the host, epochs
+    # started between replays, the runs' streams ordered after the host's work
+    cfg = tiny_config(methods=rf.METHODS, samples=2500)  # crosses epochs
+    graphed, eager = start_all(cfg, synthetic_data), start_all(cfg, synthetic_data)
+    engine = StandInEngine(steps=7)
+    assert rf.train(graphed, cfg, synthetic_data, engine.advance, lambda run: None)
+    assert rf.train(eager, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+    assert all(engine.graphs[id(run)] is not None for run in graphed)
+    assert records(graphed) == records(eager)
+    # a run's replays come after what the host queued before them (a restored state, an
+    # evaluation): its stream waits for the host's at its capture and at each evaluation point
+    points = len(rf.schedule_of(cfg))
+    assert StandInStream.waits_for_host == len(graphed) * (1 + points)
+
+
+def test_a_compiled_step_that_cannot_be_captured_is_captured_without_compile(
+    synthetic_data: rf.Data,
+    stand_in_cuda: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    eager_cfg, cfg = (tiny_config(compile=mode) for mode in ("off", "on"))
+    reference = start_all(eager_cfg, synthetic_data)
+    rf.train(reference, eager_cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+
+    def uncapturable(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def compiled() -> torch.Tensor:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("not capturable")
+            return step()
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", uncapturable)
+    runs, engine = start_all(cfg, synthetic_data), StandInEngine(steps=7)
+    assert rf.train(runs, cfg, synthetic_data, engine.advance, lambda run: None)
+    assert engine.graphs[id(runs[0])] is not None and runs[0].record["compiled"] is False
+    assert (
+        "notice: [aevb N_z=3] CUDA graph capture failed (RuntimeError: not capturable); "
+        "capturing the step without torch.compile"
+    ) in capsys.readouterr().out.splitlines()
+    # the eager step's Adagrad is fused on the CPU, the compiled run's foreach: rounding apart
+    elbos = [[e["train_elbo"] for e in run.record["evals"]] for run in (*runs, *reference)]
+    assert elbos[0] == pytest.approx(elbos[1], rel=1e-5)
+
+
+def test_a_run_whose_capture_fails_trains_eagerly_after_one_line(
+    synthetic_data: rf.Data,
+    stand_in_cuda: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = tiny_config()
+    reference = start_all(cfg, synthetic_data)
+    rf.train(reference, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+
+    class Broken:
+        def __init__(self) -> None:
+            raise RuntimeError("capture not supported")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Broken)
+    runs, engine = start_all(cfg, synthetic_data), StandInEngine()
+    assert rf.train(runs, cfg, synthetic_data, engine.advance, lambda run: None)
+    assert engine.graphs[id(runs[0])] is None and records(runs) == records(reference)
+    assert (
+        "notice: [aevb N_z=3] CUDA graph capture failed (RuntimeError: capture not supported); "
+        "eager steps"
+    ) in capsys.readouterr().out.splitlines()
