@@ -2300,7 +2300,8 @@ def main(argv: list[str] | None = None) -> int:
     pictures = draw_samples(cfg.out_dir, data.test_eval, cfg.seed)
     print(results_table(results))
     took = time.perf_counter() - started
-    print(f"wall time: {fmt_duration(took)} (estimated {fmt_duration(estimate)})")
+    estimated = f" (estimated {fmt_duration(estimate)})" if estimate else ""  # none if stopped
+    print(f"wall time: {fmt_duration(took)}{estimated}")
     print(f"figure: {png_path}\nresults: {json_path}" + f"\nsamples: {pictures}" * bool(pictures))
     for key, holder in left.items():
         print(f"left to another process: [{key.name}], held by {holder}")

@@ -93,13 +93,15 @@ def test_a_signal_checkpoints_saves_and_resumes_exactly(
     sig: int, code: int, mnist_dir: Path, tmp_path: Path, reference: list[tuple]
 ) -> None:
     out = tmp_path / "out"
-    status, _, stderr = stop_at_first_checkpoint(
+    status, stdout, stderr = stop_at_first_checkpoint(
         resumable_args(mnist_dir, out, "--latent-dims", "2", "3"),
         out / "checkpoints" / "aevb_nz2.pt",
         sig,
     )
     assert status == code, stderr
     assert "run the same command again to continue" in stderr and "Traceback" not in stderr
+    # the wall time so far, without an estimate that the stop left unknown
+    assert re.search(r"^wall time: \d+ s$", stdout, re.MULTILINE), stdout
     runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
     # both runs were in flight together: both are interrupted, the first after an evaluation
     assert [r["status"] for r in runs] == ["interrupted", "interrupted"] and runs[0]["evals"]
