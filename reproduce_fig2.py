@@ -1749,7 +1749,8 @@ def train_here(
             stop_if_requested()
         advance = CudaGraphs().advance if device.type == "cuda" else advance_eagerly
         if estimate:
-            seconds = time.perf_counter() - started + estimate_in_flight(runs, cfg, data, advance)
+            seconds = estimate_in_flight(runs, cfg, data, advance)  # captures and compiles
+            seconds += time.perf_counter() - started  # the time spent so far, that included
             say_estimate(cfg, len(runs), len(runs), seconds)
         try:
             finished = train(runs, cfg, data, advance, Keeper(cfg, store, folder, show))

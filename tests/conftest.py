@@ -132,6 +132,18 @@ def without_wall(e: dict) -> dict:
     return {k: v for k, v in e.items() if k != "wall_seconds"}
 
 
+def uncapturable(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A stand-in for torch.compile whose "compiled" step runs, except inside a CUDA graph
+    capture, where it fails."""
+
+    def compiled() -> torch.Tensor:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("not capturable")
+        return step()
+
+    return compiled
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the network: a download attempt fails as it does on an offline machine."""

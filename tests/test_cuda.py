@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import measured, tiny_config, without_wall
+from conftest import measured, tiny_config, uncapturable, without_wall
 from test_machinery import resumable_args, stop_at_first_checkpoint
 
 import reproduce_fig2 as rf
@@ -119,14 +118,6 @@ def test_cuda_a_compiled_step_that_cannot_be_captured_is_captured_without_compil
     eager_cfg, cfg = (tiny_config(device="cuda", compile=c) for c in ("off", "on"))
     (reference,) = cuda_runs(eager_cfg, data, [rf.RunKey("aevb", 3)])
     rf.train([reference], eager_cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
-
-    def uncapturable(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def compiled() -> torch.Tensor:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("not capturable")
-            return step()
-
-        return compiled
 
     monkeypatch.setattr(torch, "compile", uncapturable)
     (run,) = cuda_runs(cfg, data, [rf.RunKey("aevb", 3)])

@@ -432,14 +432,21 @@ def without_wall_all(run: rf.Run) -> list[dict]:
     return [without_wall(e) for e in run.record["evals"]]
 
 
-def test_the_estimate_counts_what_is_left(mnist_dir: Path, tmp_path: Path) -> None:
+def test_the_estimate_counts_what_is_left(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step_s = 0.01  # the timings fixed, so that only the counting is tested
+    monkeypatch.setattr(rf, "seconds_per_step", lambda runs, advance: step_s)
+    monkeypatch.setattr(rf, "seconds_per_evaluation", lambda vae, data, seed: 0.1)
     cfg = rf.parse_config(tiny_args(mnist_dir, tmp_path / "out", "--jobs", "2"))
     data = rf.load_data(str(mnist_dir), torch.device("cpu"), False, 0, verify=False)
     keys = [rf.RunKey("aevb", 2), rf.RunKey("aevb", 3)]
     cpu = torch.device("cpu")
     fresh = rf.estimate_workers(cfg, data, cpu, keys, {})
-    half = {key: {"evals": [{"samples": 300}]} for key in keys}
-    assert 0 < rf.estimate_workers(cfg, data, cpu, keys, half) < fresh
+    half = {key: {"evals": [{"samples": 300}]} for key in keys}  # before the first point, 450
+    # the two runs side by side, each 300 samples further: 6 steps fewer, the same evaluations
+    saved = 300 // cfg.batch_size * step_s
+    assert rf.estimate_workers(cfg, data, cpu, keys, half) == pytest.approx(fresh - saved)
     finishing = {key: {"evals": [{"samples": cfg.samples}]} for key in keys}
     assert rf.estimate_workers(cfg, data, cpu, keys, finishing) == 0.0  # others finish them
 

@@ -7,12 +7,12 @@ import copy
 import itertools
 import math
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_MNIST, tiny_config, train_n_z3, without_wall
+from conftest import REAL_MNIST, tiny_config, train_n_z3, uncapturable, without_wall
 from torch.nn.functional import binary_cross_entropy_with_logits
 
 import reproduce_fig2 as rf
@@ -375,14 +375,6 @@ def test_a_compiled_step_that_cannot_be_captured_is_captured_without_compile(
     eager_cfg, cfg = (tiny_config(compile=mode) for mode in ("off", "on"))
     reference = start_all(eager_cfg, synthetic_data)
     rf.train(reference, eager_cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
-
-    def uncapturable(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def compiled() -> torch.Tensor:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("not capturable")
-            return step()
-
-        return compiled
 
     monkeypatch.setattr(torch, "compile", uncapturable)
     runs, engine = start_all(cfg, synthetic_data), StandInEngine(steps=7)
