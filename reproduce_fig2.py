@@ -1160,7 +1160,7 @@ class CudaGraphs:
         graphed = [(run, g) for run in runs if (g := self.graphs[id(run)]) is not None]
         for _, g in graphed:  # after all the host queued before: restored states, evaluations
             g.stream.wait_stream(torch.cuda.current_stream())
-        while not STOP_REQUEST and (moving := [rg for rg in graphed if rg[0].samples < target]):
+        while not STOP_REQUEST and (moving := [(r, g) for r, g in graphed if r.samples < target]):
             for run, g in moving:
                 with torch.cuda.stream(g.stream):  # a new epoch's order, if due, on its stream
                     n = self.next_replay(run, target)
@@ -1750,7 +1750,7 @@ def train_here(
         advance = CudaGraphs().advance if device.type == "cuda" else advance_eagerly
         if estimate:
             seconds = estimate_in_flight(runs, cfg, data, advance)  # captures and compiles
-            seconds += time.perf_counter() - started  # the time spent so far, that included
+            seconds += time.perf_counter() - started  # and the time spent so far, that too
             say_estimate(cfg, len(runs), len(runs), seconds)
         try:
             finished = train(runs, cfg, data, advance, Keeper(cfg, store, folder, show))
