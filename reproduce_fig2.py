@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import io
@@ -83,6 +84,7 @@ THREADS: int = 0  # CPU threads per run; 0 shares the cores among the runs in fl
 JOBS: int = 2  # CPU: runs trained side by side in worker processes (2 x 1 thread on 2 cores)
 COMPILE: str = "auto"  # torch.compile the training step: "auto", "on" or "off"
 COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs of this many samples on CUDA
+CHECKPOINT_EVERY_S: float = 600.0  # a checkpoint at least this often, besides one at each point
 GRAPH_STEPS: int = 50  # CUDA: training steps captured in one CUDA graph, replayed as one launch
 ESTIMATE_STEPS: int = 20  # timed steps per run for the time estimate (CUDA: 4 graph launches)
 COMPILE_SECONDS: float = 20.0  # what compiling one run's step costs, for the estimate
@@ -186,6 +188,11 @@ class Config:
         COMPILE,
         f"torch.compile the training step (auto: runs of {COMPILE_MIN_SAMPLES:,}+ samples on CUDA)",
         choices=("auto", "on", "off"),
+    )
+    checkpoint_every: float = flag(
+        CHECKPOINT_EVERY_S,
+        "seconds of training between checkpoints, besides the one at each evaluation point",
+        type=positive(float),
     )
     data_dir: str = flag(DATA_DIR, "folder that holds MNIST/raw/")
     verify_data: bool = flag(VERIFY_DATA, "check the files against the standard MNIST checksums")
@@ -729,18 +736,19 @@ class Interrupted(BaseException):
         self.code = code
 
 
-def advance_eagerly(runs: list[Run], target: int) -> bool:
-    """Train each run, one step after another, until it has seen `target` samples; False if a
-    stop request came first (the runs then stand where they stopped)."""
+def advance_eagerly(runs: list[Run], target: int, until: float = math.inf) -> bool:
+    """Train each run, one step after another, until it has seen `target` samples or the clock
+    (time.monotonic) passes `until`; False if a stop request came first (the runs then stand
+    where they stopped)."""
     for run in runs:
-        while run.samples < target and not STOP_REQUEST:
+        while run.samples < target and not STOP_REQUEST and time.monotonic() < until:
             run.batches.left()  # a new epoch's order when this one is used up
             run.loss = run.step()
             run.samples += run.batches.batch_size
     return not STOP_REQUEST
 
 
-Advance = Callable[[list[Run], int], bool]  # advance_eagerly, or CudaGraphs.advance
+Advance = Callable[[list[Run], int, float], bool]  # advance_eagerly, or CudaGraphs.advance
 Keep = Callable[[Run], None]  # what keeping a run means where it trains (see Keeper)
 
 
@@ -753,7 +761,7 @@ def train(runs: list[Run], cfg: Config, data: Data, advance: Advance, keep: Keep
         in_flight = [run for run in runs if run.status == "running" and run.samples < point]
         if not in_flight:
             continue
-        stopped = not advance(in_flight, point)
+        stopped = not advance_keeping(in_flight, point, cfg.checkpoint_every, advance, keep)
         for run in in_flight:
             if run.samples == point:  # not cut short by a stop request
                 score(run, evaluate_point(run.vae, data, cfg.seed))
@@ -765,6 +773,19 @@ def train(runs: list[Run], cfg: Config, data: Data, advance: Advance, keep: Keep
         if stopped:
             return False
     return True
+
+
+def advance_keeping(
+    runs: list[Run], point: int, every: float, advance: Advance, keep: Keep
+) -> bool:
+    """Advance the runs to `point`, keeping each of them (a checkpoint) at least every `every`
+    seconds on the way; False if a stop request came first."""
+    while advance(runs, point, time.monotonic() + every):
+        if all(run.samples == point for run in runs):
+            return True
+        for run in runs:
+            keep(run)
+    return False
 
 
 def score(run: Run, evaluation: dict[str, float]) -> None:
@@ -839,7 +860,7 @@ def plot_results(results: dict, path: str) -> Figure:
     if legend:
         fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     return fig
 
 
@@ -923,7 +944,7 @@ def plot_samples(models: dict[RunKey, dict], digits: torch.Tensor, path: str, se
             name += f" (diverged; its state at {saved['samples']:,} samples)" * saved["diverged"]
             show_strip(top, torch.sigmoid(vae.decoder(z)), f"{name}: samples")
             show_strip(bottom, torch.sigmoid(vae.decoder(mu)), f"{name}: reconstructions")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     return fig
 
 
@@ -1063,10 +1084,12 @@ def start_run(
     key: RunKey, cfg: Config, data: Data, device: torch.device, checkpoint: dict | None
 ) -> Run:
     """A run ready to train: new (its step size picked by pilots with --lr auto), or where its
-    checkpoint stopped; its threads and step mode recorded (a resumed run keeps its mode)."""
+    checkpoint (or the state of its final model, to extend it) stopped; its threads and step
+    mode recorded (a resumed run keeps its mode)."""
     threads = torch.get_num_threads()
     if checkpoint:
         record = checkpoint["run"] | {"status": "running", "threads": threads}
+        record.pop("log_px", None)  # an extended run's is estimated again at its new end
     else:
         seed = setting_seed(cfg.seed, *key)
         record = pending_record(key) | {"status": "running", "seed": seed, "threads": threads}
@@ -1081,7 +1104,9 @@ def start_run(
     where = f"{threads} thread{'s' * (threads > 1)}" if device.type == "cpu" else str(device)
     mode = "compiled" if record["compiled"] else "eager"
     log(f"[{key.name}] training on {where}, {mode} step")
-    if checkpoint:
+    if checkpoint and checkpoint["run"]["status"] == "done":
+        log(f"[{key.name}] extended from its end at {run.samples:,} samples")
+    elif checkpoint:
         log(f"[{key.name}] resumed from its checkpoint at {run.samples:,} samples")
     if record["compiled"]:
         run.step = compiled_step(run)
@@ -1152,15 +1177,20 @@ class CudaGraphs:
         self.steps = steps
         self.graphs: dict[int, Graphed | None] = {}  # by id(run); None: the capture failed
 
-    def advance(self, runs: list[Run], target: int) -> bool:
-        """advance_eagerly's contract: every run to `target` samples unless a stop request."""
+    def advance(self, runs: list[Run], target: int, until: float = math.inf) -> bool:
+        """advance_eagerly's contract: every run to `target` samples, or as far as the clock
+        allows before `until`, unless a stop request comes."""
         for run in runs:
             if id(run) not in self.graphs:
                 self.graphs[id(run)] = self.capture(run)
         graphed = [(run, g) for run in runs if (g := self.graphs[id(run)]) is not None]
         for _, g in graphed:  # after all the host queued before: restored states, evaluations
             g.stream.wait_stream(torch.cuda.current_stream())
-        while not STOP_REQUEST and (moving := [(r, g) for r, g in graphed if r.samples < target]):
+        while (
+            not STOP_REQUEST
+            and time.monotonic() < until
+            and (moving := [(r, g) for r, g in graphed if r.samples < target])
+        ):
             for run, g in moving:
                 with torch.cuda.stream(g.stream):  # a new epoch's order, if due, on its stream
                     n = self.next_replay(run, target)
@@ -1168,7 +1198,7 @@ class CudaGraphs:
                 run.loss = g.losses[n]
         for _, g in graphed:
             torch.cuda.current_stream().wait_stream(g.stream)
-        return advance_eagerly([r for r in runs if self.graphs[id(r)] is None], target)
+        return advance_eagerly([r for r in runs if self.graphs[id(r)] is None], target, until)
 
     def next_replay(self, run: Run, target: int) -> int:
         """Steps of the run's next replay, counted on the host as taken (the graph moves only
@@ -1226,22 +1256,45 @@ class CudaGraphs:
 def write_atomic(path: str, write: Callable[[io.BufferedWriter], object]) -> None:
     """Write a file through `write` so that a reader, or a kill, finds the old file or the new one.
 
-    Hand-written because the standard library has no atomic replace with fsync.
+    Hand-written because the standard library has no atomic replace with fsync. A full disk
+    raises DiskFullError, the old file left as it was.
     """
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    folder, tmp = os.path.dirname(os.path.abspath(path)), ""
     umask = os.umask(0)
     os.umask(umask)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
         os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plainly written file, not 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            if tmp:
+                os.unlink(tmp)
+        if no_space(exc):
+            raise DiskFullError(
+                f"no space left on the device while writing {path}: free some space there (or "
+                "choose another --out-dir) and run the same command again; it goes on from the "
+                "last checkpoint, which is kept"
+            ) from None
         raise
+
+
+class DiskFullError(RuntimeError):
+    """The disk (or the quota) filled while a file was written, worded as one line."""
+
+
+def no_space(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it arose from, is a full disk or quota (torch.save
+    reports one as its own RuntimeError with the OSError behind it)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def write_json_atomic(obj: dict, path: str) -> None:
@@ -1286,16 +1339,19 @@ def package_versions() -> dict[str, str]:
 
 
 def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
-    """Everything that changes a run's numbers: settings, constants, data and package versions."""
-    settings = ("samples", "eval_start", "evals_per_decade", "lr", "lr_pilot_samples")
-    settings += ("batch_size", "hidden_size", "binarize", "seed", "threads")
+    """What a results folder fixes: everything that changes a run's numbers or its evaluation
+    points (settings, constants, data, device kind, the versions of the packages that compute
+    them), and nothing that cannot (--samples, which extends runs, threads, the step mode,
+    which each run records and keeps, or the pilots' length with a fixed step size)."""
+    settings = ("eval_start", "evals_per_decade", "lr", "batch_size", "hidden_size")
+    settings += ("binarize", "seed") + ("lr_pilot_samples",) * (cfg.lr == "auto")
+    versions = package_versions()
     return {
         **{name: getattr(cfg, name) for name in settings},
         "device": device.type,
-        "compiled": cfg.compile,  # each run records its own choice; a resumed run keeps it
         **fixed_constants(),
         "data_sha256": data.digest,
-        **package_versions(),
+        **{name: versions[name] for name in ("torch", "pyautoencoder")},
     }
 
 
@@ -1331,6 +1387,11 @@ class Checkpoints:
         """Where the checkpoints live."""
         return os.path.join(self.out_dir, CHECKPOINTS_FOLDER)
 
+    @property
+    def models(self) -> str:
+        """Where the final models live."""
+        return os.path.join(self.out_dir, MODELS_FOLDER)
+
     def path(self, key: RunKey, folder: str = "") -> str:
         """The checkpoint of one run (or its file in another folder)."""
         return os.path.join(folder or self.folder, f"{key.stem}.pt")
@@ -1342,9 +1403,10 @@ class Checkpoints:
         payload = {"fingerprint": self.fingerprint} | state
         write_atomic(path, lambda f: torch.save(payload, f))
 
-    def load(self, key: RunKey) -> dict | None:
-        """The run's checkpoint, or None; CheckpointError if unreadable or from other settings."""
-        path = self.path(key)
+    def load(self, key: RunKey, folder: str = "") -> dict | None:
+        """The run's checkpoint (or its file in another folder), or None; CheckpointError if
+        unreadable or from other settings."""
+        path = self.path(key, folder)
         if not os.path.exists(path):
             return None
         try:
@@ -1355,21 +1417,24 @@ class Checkpoints:
         check_settings(f"checkpoint {path}", fingerprint, self.fingerprint)
         return state
 
+    def resume_state(self, key: RunKey) -> dict | None:
+        """Where an unfinished run goes on from: its checkpoint, else the whole state its final
+        model was saved with (a run done at fewer samples, extended), else None."""
+        return self.load(key) or self.load(key, self.models)
+
     def save_model(self, run: Run, cfg: Config) -> None:
-        """Write a run's final model to OUT_DIR/models/; a diverged run's is the last good
-        state from its checkpoint, marked as diverged (none if it diverged before one)."""
+        """Write a run's final model to OUT_DIR/models/ with the whole state the run ended in
+        (a longer run goes on from it); a diverged run's is the last good state from its
+        checkpoint, marked as diverged (none if it diverged before one)."""
         diverged = run.status == "diverged"
         if diverged:
-            if (ckpt := self.load(run.key)) is None:
+            if (state := self.load(run.key)) is None:
                 return
-            model, samples = ckpt["model"], ckpt["samples"]
+            del state["fingerprint"]
         else:
-            model = {k: v.detach().cpu() for k, v in run.vae.state_dict().items()}
-            samples = run.samples
-        about = {"hidden_size": cfg.hidden_size, "seed": run.record["seed"]}
-        about |= {"samples": samples, "diverged": diverged}
-        folder = os.path.join(self.out_dir, MODELS_FOLDER)
-        self.save(run.key, {"model": model, **run.key._asdict(), **about}, folder)
+            state = run_state(run)
+        about = {"hidden_size": cfg.hidden_size, "seed": run.record["seed"], "diverged": diverged}
+        self.save(run.key, state | run.key._asdict() | about, self.models)
 
     def remove(self, key: RunKey) -> None:
         """Drop a finished run's checkpoint, and the checkpoint folder once it is empty."""
@@ -1382,7 +1447,7 @@ class Checkpoints:
 def load_models(out_dir: str) -> dict[RunKey, dict]:
     """The final models in OUT_DIR/models/ (first seed of each setting), by run."""
     folder = os.path.join(out_dir, MODELS_FOLDER)
-    models = {}
+    models = {}  # (each also holds its run's whole state, for extending it)
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith(".pt"):
             saved = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
@@ -1403,7 +1468,14 @@ def draw_samples(out_dir: str, digits: torch.Tensor, seed: int) -> str | None:
 
 
 # -------------------------------------------------------------------------------- results folder
-FINISHED = ("done", "diverged")  # statuses of runs that a rerun skips
+FINISHED = ("done", "diverged")  # statuses of runs that ended (a done one may be extended)
+
+
+def ended(run: dict, end: int) -> bool:
+    """Whether a run record needs no more training to reach `end` samples: it diverged, or it
+    is done there or beyond (a run done short of `end` is extended)."""
+    done_at = run["evals"][-1]["samples"] if run["evals"] else 0
+    return run["status"] == "diverged" or (run["status"] == "done" and done_at >= end)
 
 
 def environment(device: torch.device, threads: int) -> dict:
@@ -1490,6 +1562,7 @@ class ResultsFolder:
     fingerprint: dict
     header: dict  # the config and environment of this invocation, for the combined JSON
     keys: tuple[RunKey, ...]  # this invocation's runs, in figure order
+    end: int = 0  # this invocation's last evaluation point: runs done short of it are extended
 
     @property
     def folder(self) -> str:
@@ -1525,10 +1598,10 @@ class ResultsFolder:
         if holder:
             log(f"[{key.name}] skipped: {holder} is training it")
             return None, holder
-        status = self.read().get(key, pending_record(key))["status"]
-        if status in FINISHED:  # another process may have finished it meanwhile
+        run = self.read().get(key, pending_record(key))
+        if ended(run, self.end):  # another process may have finished it meanwhile
             lock.release()
-            log(f"[{key.name}] already {status}: skipped")
+            log(f"[{key.name}] already {run['status']}: skipped")
             return None, None
         return lock, None
 
@@ -1593,19 +1666,20 @@ def open_results(
     unreadable or foreign run file or checkpoint, before any work."""
     fp = fingerprint(cfg, data, device)
     store = Checkpoints(cfg.out_dir, fp)
-    folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(runs_of(cfg)))
+    end = schedule_of(cfg)[-1]
+    header = results_header(cfg, device)
+    folder = ResultsFolder(cfg.out_dir, fp, header, tuple(runs_of(cfg)), end)
     if cfg.fresh:
         for name in (RESULTS_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER, SAMPLES_NAME):
             keep_aside(os.path.join(cfg.out_dir, name))
     on_disk = folder.read()
-    for key in folder.keys:
-        store.load(key)
     todo = []
     for key in folder.keys:
-        status = on_disk.get(key, pending_record(key))["status"]
-        if status in FINISHED:
-            log(f"[{key.name}] already {status}: skipped")
+        run = on_disk.get(key, pending_record(key))
+        if ended(run, end):
+            log(f"[{key.name}] already {run['status']}: skipped")
         else:
+            store.resume_state(key)  # refused now, before any work, if it cannot be used
             todo.append(key)
     return folder, store, on_disk, todo
 
@@ -1741,7 +1815,7 @@ def train_here(
                 continue
             locks.append(lock)
             try:
-                runs.append(start_run(key, cfg, data, device, store.load(key)))
+                runs.append(start_run(key, cfg, data, device, store.resume_state(key)))
             except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
                 record = folder.read().get(key) or pending_record(key)
                 fail(record, one_line(exc), traceback.format_exc())
@@ -1754,6 +1828,8 @@ def train_here(
             say_estimate(cfg, len(runs), len(runs), seconds)
         try:
             finished = train(runs, cfg, data, advance, Keeper(cfg, store, folder, show))
+        except DiskFullError:
+            raise  # not the runs' fault: the invocation stops, the last checkpoints kept
         except Exception as exc:  # noqa: BLE001 (the runs' files say what broke)
             trace = traceback.format_exc()
             for run in (r for r in runs if r.status == "running"):
@@ -1794,6 +1870,9 @@ def _worker(
             messages.put(("held", held, holder))
     except Interrupted:
         pass  # its checkpoint and run file are already written
+    except DiskFullError as exc:  # the main process stops every worker and says so
+        messages.put(("disk full", key, str(exc)))
+        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 (the main process marks the run as failed)
         messages.put(("error", key, one_line(exc), traceback.format_exc()))
         sys.exit(1)
@@ -1816,6 +1895,7 @@ class Workers:
         self.ctx = multiprocessing.get_context("spawn")
         self.messages = self.ctx.Queue()
         self.left: dict[RunKey, str] = {}
+        self.disk_full = ""  # what a worker said when the disk filled
 
     def run(self, todo: list[RunKey]) -> dict[RunKey, str]:
         """Train the runs in `todo` until each has ended; the runs left to others."""
@@ -1844,6 +1924,8 @@ class Workers:
                 if not STOP_REQUEST and key not in self.left:  # else: interrupted, or not ours
                     why = f"its worker process ended with exit status {process.exitcode}"
                     self.fail_if_unfinished(key, f"{why} before the run finished")
+        if self.disk_full:
+            raise DiskFullError(self.disk_full)
         stop_if_requested()
         return self.left
 
@@ -1852,7 +1934,7 @@ class Workers:
         lock, holder = self.folder.lock(key)
         try:
             run = self.folder.read().get(key) or pending_record(key)
-            if holder is None and run["status"] not in (*FINISHED, "failed"):
+            if holder is None and run["status"] != "failed" and not ended(run, self.folder.end):
                 fail(run, why, trace)
                 self.folder.save_run(run)
         finally:
@@ -1867,6 +1949,9 @@ class Workers:
         kind, key, *rest = message
         if kind == "held":
             self.left[key] = rest[0]
+        elif kind == "disk full":
+            self.disk_full = rest[0]
+            request_stop(signal.SIGINT, None)  # the other workers save what they can and stop
         elif kind == "error":
             self.fail_if_unfinished(key, *rest)
         else:
@@ -1880,7 +1965,7 @@ def advance_by(runs: list[Run], steps: int, advance: Advance) -> None:
     and wait for the device."""
     for samples in sorted({run.samples for run in runs}):
         group = [run for run in runs if run.samples == samples]
-        advance(group, samples + steps * group[0].batches.batch_size)
+        advance(group, samples + steps * group[0].batches.batch_size, math.inf)
     for run in runs:
         float(run.loss)  # waits for the device
 
@@ -2282,10 +2367,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        folder, store, on_disk, todo = open_results(cfg, data, device)
-    except CheckpointError as exc:
+        return train_and_report(cfg, data, device)
+    except CheckpointError as exc:  # before any work
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DiskFullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
+    """Train the runs left in --out-dir, then print the table and where the files are; the
+    exit status (0 all done, 3 some run not done, 128 + signal when stopped)."""
+    folder, store, on_disk, todo = open_results(cfg, data, device)
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
     log(f"training on {device}; results: {json_path}")
     started, code, left, estimate = time.perf_counter(), 0, {}, 0.0

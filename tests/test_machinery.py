@@ -4,6 +4,8 @@ atomic saves, worker processes, the compiled step and the benchmark."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import math
 import os
@@ -605,3 +607,94 @@ def test_seeds_in_worker_processes_give_the_numbers_of_one_process(
     assert measured(tmp_path / "one" / rf.RESULTS_NAME) == measured(
         tmp_path / "two" / rf.RESULTS_NAME
     )
+
+
+def test_a_finished_run_extended_gives_the_numbers_of_one_long_run(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, longer = tmp_path / "out", ("--samples", "10000")
+    assert rf.main(tiny_args(mnist_dir, out)) == 0  # 1,200 samples: not a point of 10,000
+    assert rf.main(tiny_args(mnist_dir, out, *longer)) == 0
+    printed = capsys.readouterr().out
+    assert "[aevb N_z=2] extended from its end at 1,200 samples" in printed
+    assert "--fresh" not in printed
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "one_go", *longer)) == 0
+    extended = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    one_go = json.loads((tmp_path / "one_go" / rf.RESULTS_NAME).read_text())["runs"]
+    for run, alone in zip(extended, one_go, strict=True):
+        assert run["status"] == "done" and run["log_px"] == alone["log_px"]  # estimated again
+        evals = [without_wall(e) for e in run["evals"]]
+        assert 1200 in [e["samples"] for e in evals]  # measured before: kept
+        assert [e for e in evals if e["samples"] != 1200] == [
+            without_wall(e) for e in alone["evals"]
+        ]
+        saved = torch.load(out / "models" / f"{rf.RunKey.of(run).stem}.pt")
+        assert saved["samples"] == 10000 and saved["optimizers"] and "generator" in saved
+
+
+def test_settings_that_cannot_change_the_numbers_do_not_refuse(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    same_numbers = ("--threads", "2", "--jobs", "2", "--compile", "on", "--lr-pilot-samples", "500")
+    assert rf.main(tiny_args(mnist_dir, out, *same_numbers)) == 0
+    assert capsys.readouterr().out.count("already done: skipped") == 4
+    assert rf.main(tiny_args(mnist_dir, out, "--hidden-size", "17")) == 2  # this one does
+    assert "hidden_size 16 -> 17" in capsys.readouterr().err
+
+
+def test_sigkill_between_evaluation_points_resumes_from_the_timed_checkpoint(
+    mnist_dir: Path, tmp_path: Path, reference: list[tuple]
+) -> None:
+    out = tmp_path / "out"
+    args = resumable_args(mnist_dir, out, "--checkpoint-every", "0.05")
+    points = set(rf.schedule_of(rf.parse_config(args)))
+    checkpoint = out / "checkpoints" / "aevb_nz2.pt"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.DEVNULL)
+    try:
+        deadline, samples = time.monotonic() + 120, None
+        while samples is None or samples in points:
+            assert proc.poll() is None, "the run ended before a checkpoint between points"
+            assert time.monotonic() < deadline, "no checkpoint between evaluation points"
+            with contextlib.suppress(FileNotFoundError, RuntimeError, EOFError):
+                samples = torch.load(checkpoint, weights_only=True)["samples"]
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert rf.main(resumable_args(mnist_dir, out, "--checkpoint-every", "0.05")) == 0
+    assert measured(out / rf.RESULTS_NAME) == reference
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
+    mnist_dir: Path,
+    tmp_path: Path,
+    reference: list[tuple],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out, real_fdopen, writes = tmp_path / "out", os.fdopen, []
+
+    class FullDisk(io.BufferedWriter):
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd: int, *args: object, **kwargs: object) -> object:
+        writes.append(fd)  # the first evaluation point's checkpoint, run file, JSON and PNG pass
+        return (
+            real_fdopen(fd, *args, **kwargs) if len(writes) <= 4 else FullDisk(io.FileIO(fd, "w"))
+        )
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    assert rf.main(resumable_args(mnist_dir, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on the device while writing ") and str(out) in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    kept = torch.load(out / "checkpoints" / "aevb_nz2.pt", weights_only=True)
+    assert kept["samples"] == rf.schedule_of(rf.parse_config(resumable_args(mnist_dir, out)))[0]
+    assert not list(out.rglob(".tmp-*"))  # the half-written files are gone
+    monkeypatch.setattr(os, "fdopen", real_fdopen)  # space freed
+    assert rf.main(resumable_args(mnist_dir, out)) == 0
+    assert measured(out / rf.RESULTS_NAME) == reference
