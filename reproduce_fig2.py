@@ -27,7 +27,6 @@ import fcntl
 import hashlib
 import io
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -41,7 +40,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
@@ -82,12 +80,9 @@ IW_DECODES_PER_PASS: int = 50_000  # decoder passes per batch of the log p(x) es
 DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
 THREADS: int = 0  # CPU threads per run; 0 shares the cores among the runs in flight
 JOBS: int = 2  # CPU: runs trained side by side in worker processes (2 x 1 thread on 2 cores)
-COMPILE: str = "auto"  # torch.compile the training step: "auto", "on" or "off"
-COMPILE_MIN_SAMPLES: int = 1_000_000  # "auto" compiles runs of this many samples on CUDA
 CHECKPOINT_EVERY_S: float = 600.0  # a checkpoint at least this often, besides one at each point
-GRAPH_STEPS: int = 50  # CUDA: training steps captured in one CUDA graph, replayed as one launch
+GRAPH_STEPS: int = 50  # CUDA: training steps per CUDA graph, replayed as one launch; 0: no graphs
 ESTIMATE_STEPS: int = 20  # timed steps per run for the time estimate (CUDA: 4 graph launches)
-COMPILE_SECONDS: float = 20.0  # what compiling one run's step costs, for the estimate
 BENCHMARK_STEPS: int = 100  # training steps per timing window of --benchmark
 BENCHMARK_WINDOWS: int = 5  # timing windows of --benchmark (after one warm-up window)
 
@@ -184,10 +179,10 @@ class Config:
         THREADS, "CPU threads per run (0: the cores shared among the runs in flight)", type=int
     )
     jobs: int = flag(JOBS, "CPU: runs trained side by side in worker processes", type=positive(int))
-    compile: str = flag(
-        COMPILE,
-        f"torch.compile the training step (auto: runs of {COMPILE_MIN_SAMPLES:,}+ samples on CUDA)",
-        choices=("auto", "on", "off"),
+    graph_steps: int = flag(
+        GRAPH_STEPS,
+        "CUDA: training steps per CUDA graph (0: no graphs, eager steps; the same numbers)",
+        type=int,
     )
     checkpoint_every: float = flag(
         CHECKPOINT_EVERY_S,
@@ -690,7 +685,6 @@ class Run:
     batches: Batches
     gen: torch.Generator
     step: Callable[[], torch.Tensor]  # one training step on the next minibatch; returns its loss
-    eager_step: Callable[[], torch.Tensor]  # the same step without torch.compile
     samples: int = 0
     loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # of its latest step
     clock: Clock = field(default_factory=Clock)
@@ -713,8 +707,7 @@ def new_run(key: RunKey, record: dict, cfg: Config, data: Data, device: torch.de
         gen.set_state(after_init)
     else:
         gen.manual_seed(seed)
-    fused = device.type == "cpu" and not record["compiled"]  # torch.compile takes foreach
-    opts = make_optimizers(vae, key.method, record["lr"], fused)
+    opts = make_optimizers(vae, key.method, record["lr"], fused=device.type == "cpu")
     batches = Batches(data.train, cfg.batch_size, gen)
     method_step, binarize = STEPS[key.method], cfg.binarize
 
@@ -722,7 +715,7 @@ def new_run(key: RunKey, record: dict, cfg: Config, data: Data, device: torch.de
         x = batches.take()
         return method_step(vae, opts, torch.bernoulli(x, generator=gen) if binarize else x, gen)
 
-    return Run(key, record, vae, opts, batches, gen, step, step)
+    return Run(key, record, vae, opts, batches, gen, step)
 
 
 STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
@@ -813,7 +806,7 @@ def pick_lr(
     scores: dict[str, float | None] = {}  # None: the pilot diverged (scored worst)
     pilot_end = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)[-1]
     for lr in LR_CANDIDATES:
-        record = {"seed": setting_seed(cfg.seed, *key), "lr": lr, "compiled": False}
+        record = {"seed": setting_seed(cfg.seed, *key), "lr": lr}
         pilot = new_run(key, record, cfg, data, device)
         if not advance_eagerly([pilot], pilot_end):
             raise Interrupted(128 + STOP_REQUEST[0])
@@ -1029,27 +1022,9 @@ def threads_for(cfg: Config, in_flight: int) -> int:
     return cfg.threads or max(1, cpu_count() // max(1, in_flight))
 
 
-def use_compile(cfg: Config, device: torch.device) -> bool:
-    """Whether a run's step is compiled: "auto" compiles long runs on CUDA only.
-
-    On the CPU the compiled step breaks its graph where the run's generator draws noise and
-    was measured no faster than the eager one (2-core AMD EPYC, 2026-11-26: 165 against 171
-    steps/s at two threads), while costing about 20 s per run.
-    """
-    if cfg.compile != "auto":
-        return cfg.compile == "on"
-    return cfg.samples >= COMPILE_MIN_SAMPLES and device.type == "cuda"
-
-
-def quiet_third_party() -> None:
-    """Silence, at their source, third-party notices that say nothing to our user."""
-    # "No CUDA runtime is found, using CUDA_HOME=..." when inductor compiles on a CPU machine
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    # "Profiler record function ... will be ignored": dynamo tracing the optimiser's step
-    for name in ("torch._dynamo.variables.ctx_manager", "torch._dynamo.variables.torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # inductor on a GPU with TF32 left off on purpose (see resolve_device)
-    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
+def graphs_for(cfg: Config, device: torch.device) -> CudaGraphs | None:
+    """The CUDA graph engine on a GPU (unless --graph-steps 0), else None: eager steps."""
+    return CudaGraphs(cfg.graph_steps) if device.type == "cuda" and cfg.graph_steps else None
 
 
 # -------------------------------------------------------------------------------- run state
@@ -1084,8 +1059,7 @@ def start_run(
     key: RunKey, cfg: Config, data: Data, device: torch.device, checkpoint: dict | None
 ) -> Run:
     """A run ready to train: new (its step size picked by pilots with --lr auto), or where its
-    checkpoint (or the state of its final model, to extend it) stopped; its threads and step
-    mode recorded (a resumed run keeps its mode)."""
+    checkpoint (or the state of its final model, to extend it) stopped; its threads recorded."""
     threads = torch.get_num_threads()
     if checkpoint:
         record = checkpoint["run"] | {"status": "running", "threads": threads}
@@ -1097,53 +1071,16 @@ def start_run(
             record["lr"], record["lr_pilot_scores"] = pick_lr(key, cfg, data, device)
         else:
             record["lr"] = cfg.lr
-        record["compiled"] = use_compile(cfg, device)
     run = new_run(key, record, cfg, data, device)
     if checkpoint:
         load_run_state(run, checkpoint)
     where = f"{threads} thread{'s' * (threads > 1)}" if device.type == "cpu" else str(device)
-    mode = "compiled" if record["compiled"] else "eager"
-    log(f"[{key.name}] training on {where}, {mode} step")
+    log(f"[{key.name}] training on {where}")
     if checkpoint and checkpoint["run"]["status"] == "done":
         log(f"[{key.name}] extended from its end at {run.samples:,} samples")
     elif checkpoint:
         log(f"[{key.name}] resumed from its checkpoint at {run.samples:,} samples")
-    if record["compiled"]:
-        run.step = compiled_step(run)
     return run
-
-
-def compiled_step(run: Run) -> Callable[[], torch.Tensor]:
-    """The run's step under torch.compile; if compiling fails, a one-line notice and the eager
-    step from where the run stood, recorded as the run's mode."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fallback_random = True  # eager's random numbers, from the same generator
-    # every run's step is the same function over other objects: one compilation per run
-    dynamo = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))  # torch 2.5 knew the old name
-    compiled = torch.compile(run.eager_step)
-
-    def first_call() -> torch.Tensor:
-        saved = run_state(run)
-        try:
-            loss = compiled()
-            run.step = compiled
-        except Exception as exc:  # noqa: BLE001 (a compiler problem must never end the run)
-            log(f"notice: [{run.key.name}] torch.compile failed ({one_line(exc)}); eager steps")
-            load_run_state(run, saved)  # undo whatever part of the step ran
-            train_eagerly(run)
-            loss = run.step()
-        return loss
-
-    return first_call
-
-
-def train_eagerly(run: Run) -> None:
-    """Give up the run's compiled step for its eager one, and record it (a resumed run keeps
-    the mode it trained in)."""
-    run.step, run.record["compiled"] = run.eager_step, False
 
 
 def one_line(exc: BaseException) -> str:
@@ -1161,29 +1098,38 @@ class Graphed(NamedTuple):
     losses: dict[int, torch.Tensor]
 
 
+class CaptureError(RuntimeError):
+    """A run's training steps could not be captured as a CUDA graph, worded as one line."""
+
+
 class CudaGraphs:
     """Advances runs on a GPU: each run's training steps captured once as CUDA graphs (of
-    GRAPH_STEPS steps and of one step) and replayed on the run's own stream, the runs side by
-    side, with no host synchronisation until the target. Each graph draws from the run's own
-    generator, so a run's numbers do not depend on the runs beside it. A compiled step whose
-    capture fails is captured again without torch.compile; a run whose eager step cannot be
-    captured either says so in one line and trains with eager steps.
+    `steps` steps and of one step) and replayed on the run's own stream, the runs side by side,
+    with no host synchronisation until the target. Each graph draws from the run's own
+    generator, so a run's numbers do not depend on the runs beside it. A capture that fails
+    raises CaptureError, which stops the invocation before any run's files are touched.
 
-    Adagrad's step counters live on the CPU and do not advance in a replay; with no step-size
-    decay (the paper's Adagrad) nothing reads them.
+    Adagrad's step counters live on the host, which a replay does not touch: each replay
+    advances them on the host by the steps it ran, so checkpoints hold the true count (the step
+    size does not read it: no decay). Streams come from torch's pool of 32 per device: beyond
+    32 runs, runs share streams (the same numbers, less overlap).
     """
 
     def __init__(self, steps: int = GRAPH_STEPS) -> None:
         self.steps = steps
-        self.graphs: dict[int, Graphed | None] = {}  # by id(run); None: the capture failed
+        self.graphs: dict[int, Graphed] = {}  # by id(run)
+
+    def capture_all(self, runs: list[Run]) -> None:
+        """Capture every run's graphs now, before training; CaptureError if one cannot be."""
+        for run in runs:
+            if id(run) not in self.graphs:
+                self.graphs[id(run)] = self.capture(run)
 
     def advance(self, runs: list[Run], target: int, until: float = math.inf) -> bool:
         """advance_eagerly's contract: every run to `target` samples, or as far as the clock
         allows before `until`, unless a stop request comes."""
-        for run in runs:
-            if id(run) not in self.graphs:
-                self.graphs[id(run)] = self.capture(run)
-        graphed = [(run, g) for run in runs if (g := self.graphs[id(run)]) is not None]
+        self.capture_all(runs)
+        graphed = [(run, self.graphs[id(run)]) for run in runs]
         for _, g in graphed:  # after all the host queued before: restored states, evaluations
             g.stream.wait_stream(torch.cuda.current_stream())
         while (
@@ -1198,7 +1144,7 @@ class CudaGraphs:
                 run.loss = g.losses[n]
         for _, g in graphed:
             torch.cuda.current_stream().wait_stream(g.stream)
-        return advance_eagerly([r for r in runs if self.graphs[id(r)] is None], target, until)
+        return not STOP_REQUEST
 
     def next_replay(self, run: Run, target: int) -> int:
         """Steps of the run's next replay, counted on the host as taken (the graph moves only
@@ -1208,28 +1154,29 @@ class CudaGraphs:
         n = self.steps if steps >= self.steps else 1
         run.batches.pos += n
         run.samples += n * run.batches.batch_size
+        for state in (state for opt in run.opts for state in opt.state.values()):
+            state["step"] += n  # Adagrad's step counter, on the host
         return n
 
-    def capture(self, run: Run) -> Graphed | None:
-        """The run's stream and graphs, the run put back where it stood; if capturing fails, a
-        one-line notice and the eager step captured instead of a compiled one, else None."""
+    def capture(self, run: Run) -> Graphed:
+        """The run's stream and graphs, the run put back where it stood; CaptureError, naming
+        the cause and the way out, if the step cannot be captured."""
         saved = run_state(run)
         try:
             return self.record(run, saved)
-        except Exception as exc:  # noqa: BLE001 (a capture problem must never end the run)
-            torch.cuda.synchronize()
-            load_run_state(run, saved)
-            failed = f"notice: [{run.key.name}] CUDA graph capture failed ({one_line(exc)})"
-            if run.step is not run.eager_step:
-                log(f"{failed}; capturing the step without torch.compile")
-                train_eagerly(run)
-                return self.capture(run)
-            log(f"{failed}; eager steps")
-            return None
+        except Exception as exc:  # any capture problem becomes one line, naming the first
+            cause = exc  # error (a failed capture's own cleanup can raise a second)
+            while cause.__context__ is not None:
+                cause = cause.__context__
+            raise CaptureError(
+                f"[{run.key.name}] its training step could not be captured as a CUDA graph "
+                f"({one_line(cause)}); train with --graph-steps 0 (eager steps on the GPU, the "
+                "same numbers, slower) or --device cpu; nothing was lost"
+            ) from exc
 
     def record(self, run: Run, saved: dict) -> Graphed:
         """Capture the run's graphs on a new stream after a warm-up (where lazy initialisation
-        and compiling happen), then put the run back to `saved`."""
+        happens), then put the run back to `saved`."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -1241,14 +1188,14 @@ class CudaGraphs:
         load_run_state(run, saved)
         run.batches.left()  # a capture must not start a new epoch
         graphs, losses = {}, {}
-        for n in (self.steps, 1):
+        for n in dict.fromkeys((self.steps, 1)):
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(run.gen)
             with torch.cuda.graph(graph, stream=stream):
                 for _ in range(n):
                     loss = run.step()
             graphs[n], losses[n] = graph, loss
-        load_run_state(run, saved)  # the host's minibatch count, moved by the capture
+        load_run_state(run, saved)  # the host's counts, moved by the capture
         return Graphed(stream, graphs, losses)
 
 
@@ -1821,14 +1768,17 @@ def train_here(
                 fail(record, one_line(exc), traceback.format_exc())
                 folder.save_run(record)
             stop_if_requested()
-        advance = CudaGraphs().advance if device.type == "cuda" else advance_eagerly
+        engine = graphs_for(cfg, device)
+        if engine:
+            engine.capture_all(runs)  # a failure stops here, before any run's files change
+        advance = engine.advance if engine else advance_eagerly
         if estimate:
-            seconds = estimate_in_flight(runs, cfg, data, advance)  # captures and compiles
+            seconds = estimate_in_flight(runs, cfg, data, advance)
             seconds += time.perf_counter() - started  # and the time spent so far, that too
             say_estimate(cfg, len(runs), len(runs), seconds)
         try:
             finished = train(runs, cfg, data, advance, Keeper(cfg, store, folder, show))
-        except DiskFullError:
+        except (DiskFullError, CaptureError):
             raise  # not the runs' fault: the invocation stops, the last checkpoints kept
         except Exception as exc:  # noqa: BLE001 (the runs' files say what broke)
             trace = traceback.format_exc()
@@ -1856,7 +1806,6 @@ def _worker(
     keeping of the run, or that another process holds it."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    quiet_third_party()
     try:
         torch.set_num_threads(threads)
         device = resolve_device(cfg.device)
@@ -1972,7 +1921,7 @@ def advance_by(runs: list[Run], steps: int, advance: Advance) -> None:
 
 def seconds_per_step(runs: list[Run], advance: Advance) -> float:
     """Seconds per training step of all `runs` together on `advance`, timed after a warm-up
-    (first-call allocations, compiling, graph capture); the runs are then put back."""
+    (first-call allocations); the runs are then put back."""
     saved = [run_state(run) for run in runs]
     cpu = runs[0].batches.images.device.type == "cpu"
     steps = ESTIMATE_STEPS if cpu else max(ESTIMATE_STEPS, 4 * GRAPH_STEPS)
@@ -2031,7 +1980,7 @@ def estimate_workers(
         kind = (key.method, key.latent_dim, threads)  # seeds of one setting cost the same
         torch.set_num_threads(threads)
         if kind not in step_s:
-            record = {"seed": 0, "lr": cfg.timing_lr, "compiled": False}
+            record = {"seed": 0, "lr": cfg.timing_lr}
             run = new_run(key, record, cfg, data, device)
             step_s[kind] = seconds_per_step([run], advance_eagerly)
             eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
@@ -2043,7 +1992,7 @@ def estimate_workers(
         if cfg.lr == "auto" and not evals:  # the pilots, each scored on the training set
             pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[kind] + eval_s[threads]
             seconds += len(LR_CANDIDATES) * pilot
-        return seconds + COMPILE_SECONDS * use_compile(cfg, device)
+        return seconds
 
     now, ends = 0.0, []  # the end times of the runs in flight
     try:
@@ -2079,20 +2028,15 @@ def benchmark(cfg: Config, device: torch.device) -> dict[str, float | str | None
     an evaluation, the machine's matrix product and the peak memory; JSON too if asked."""
     data, source = benchmark_data(cfg, device)
     threads = torch.get_num_threads()
-    compiled = use_compile(replace(cfg, samples=max(cfg.samples, COMPILE_MIN_SAMPLES)), device)
-    log(
-        f"benchmark: batch {cfg.batch_size}, {source}, {device}, {threads} threads, "
-        f"{'compiled' if compiled else 'eager'} step"
-    )
+    engine = graphs_for(cfg, device)
+    step = f"CUDA graphs of {cfg.graph_steps} steps" if engine else "eager steps"
+    log(f"benchmark: batch {cfg.batch_size}, {source}, {device}, {threads} threads, {step}")
 
     def fresh(key: RunKey) -> Run:
-        record = {"seed": setting_seed(cfg.seed, *key), "lr": cfg.timing_lr, "compiled": compiled}
-        run = new_run(key, record, cfg, data, device)
-        if compiled:
-            run.step = compiled_step(run)
-        return run
+        record = {"seed": setting_seed(cfg.seed, *key), "lr": cfg.timing_lr}
+        return new_run(key, record, cfg, data, device)
 
-    advance = CudaGraphs().advance if device.type == "cuda" else advance_eagerly
+    advance = engine.advance if engine else advance_eagerly
     one, every = [fresh(RunKey("aevb", 20))], [fresh(key) for key in runs_of(replace(cfg, seeds=1))]
     plain = plain_step(cfg, device, data.train)
     n = cfg.benchmark_steps
@@ -2115,7 +2059,7 @@ def benchmark(cfg: Config, device: torch.device) -> dict[str, float | str | None
         "torch": str(torch.__version__),
         "threads": threads,
         "data": source,
-        "step": "compiled" if compiled else "eager",
+        "step": step,
         "steps_per_s_one_run": rates["one run"],
         "steps_per_s_plain_step": rates["plain step"],
         "ratio_one_run_to_plain_step": rates["one run"] / rates["plain step"],
@@ -2283,6 +2227,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error(
             f"--lr-pilot-samples {a.lr_pilot_samples} is less than one minibatch ({a.batch_size})"
         )
+    if a.graph_steps < 0:
+        parser.error(f"--graph-steps {a.graph_steps} is negative; use 0 for no CUDA graphs")
     if a.threads < 0:
         parser.error(
             f"--threads {a.threads} is negative; use 0 to share the cores, or a positive count"
@@ -2351,7 +2297,6 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.plot_only:
         return plot_only(cfg)
     device = resolve_device(cfg.device)
-    quiet_third_party()
     if cfg.benchmark:  # one process: all cores unless --threads says otherwise
         torch.set_num_threads(cfg.threads or cpu_count())
         benchmark(cfg, device)
@@ -2371,7 +2316,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:  # before any work
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except DiskFullError as exc:
+    except (DiskFullError, CaptureError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

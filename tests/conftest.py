@@ -78,7 +78,7 @@ def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     """Command-line arguments for a run that takes a second or two on synthetic data."""
     fixed = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--no-verify-data"]
     small = "--samples 1200 --eval-start 300 --evals-per-decade 3 --hidden-size 16 --batch-size 50"
-    serial = "--threads 1 --jobs 1 --compile off"
+    serial = "--threads 1 --jobs 1"
     return [*fixed, "--latent-dims", "2", "3", *small.split(), *serial.split(), *extra]
 
 
@@ -112,7 +112,6 @@ def tiny_config(**kw: Any) -> rf.Config:
         "hidden_size": 32,
         "batch_size": 50,
         "threads": 1,
-        "compile": "off",
         "verify_data": False,
     }
     return rf.Config(**(base | kw))
@@ -130,18 +129,6 @@ def measured(path: Path) -> list[tuple]:
 def without_wall(e: dict) -> dict:
     """An evaluation record without its wall-clock time."""
     return {k: v for k, v in e.items() if k != "wall_seconds"}
-
-
-def uncapturable(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """A stand-in for torch.compile whose "compiled" step runs, except inside a CUDA graph
-    capture, where it fails."""
-
-    def compiled() -> torch.Tensor:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("not capturable")
-        return step()
-
-    return compiled
 
 
 @pytest.fixture(autouse=True)

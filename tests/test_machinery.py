@@ -1,5 +1,5 @@
 """Machinery: checkpoints, resume after SIGKILL or a signal, fingerprints, divergence,
-atomic saves, worker processes, the compiled step and the benchmark."""
+atomic saves, worker processes and the benchmark."""
 
 from __future__ import annotations
 
@@ -294,56 +294,6 @@ def test_jobs_2_gives_the_numbers_of_jobs_1(mnist_dir: Path, tmp_path: Path) -> 
     )
 
 
-def three_steps(data: rf.Data, compile_step: bool) -> tuple[list[float], rf.Run]:
-    """Losses of three AEVB steps of an N_z = 3 run (its step compiled if asked), then every
-    parameter's sum; and the run."""
-    record = {"seed": 0, "lr": 0.02, "compiled": compile_step}
-    run = rf.new_run(rf.RunKey("aevb", 3), record, tiny_config(), data, torch.device("cpu"))
-    if compile_step:
-        run.step = rf.compiled_step(run)
-    assert rf.advance_eagerly([run], 3 * run.batches.batch_size)
-    losses = [float(run.loss)]
-    for _ in range(2):
-        run.batches.left()
-        losses.append(float(run.step()))
-    return losses + [float(p.detach().sum()) for p in run.vae.parameters()], run
-
-
-def test_forced_compile_failure_falls_back_to_eager(
-    synthetic_data: rf.Data, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    def broken_compile(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            fn()  # a whole step happens before the failure: it must be undone
-            raise RuntimeError("no C++ compiler")
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    # the fallback's Adagrad is the foreach kernel where eager's is the fused one: same maths,
-    # float rounding apart
-    (fallback, run), (eager, _) = (three_steps(synthetic_data, c) for c in (True, False))
-    assert fallback == pytest.approx(eager, rel=1e-5, abs=1e-6)
-    assert run.step is run.eager_step and run.record["compiled"] is False  # resumes eagerly
-    assert (
-        "notice: [aevb N_z=3] torch.compile failed (RuntimeError: no C++ compiler); eager steps"
-        in capsys.readouterr().out
-    )
-
-
-def test_compiled_step_matches_eager_and_compiles_quietly(
-    synthetic_data: rf.Data, capfd: pytest.CaptureFixture[str]
-) -> None:
-    rf.quiet_third_party()
-    (compiled, run), (eager, _) = (three_steps(synthetic_data, c) for c in (True, False))
-    out, err = capfd.readouterr()
-    assert "torch.compile failed" not in out and run.record["compiled"]  # it really compiled
-    # inductor's and dynamo's notices that say nothing to our user are silenced at their source
-    assert "No CUDA runtime" not in err and "Profiler record function" not in err
-    # same maths, same noise; float rounding apart
-    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
-
-
 def test_benchmark_smoke_prints_every_field(
     mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -359,8 +309,6 @@ def test_benchmark_smoke_prints_every_field(
         str(out_dir),
         "--threads",
         "1",
-        "--compile",
-        "off",
         "--benchmark-json",
         str(tmp_path / "bench.json"),
     ]
@@ -400,8 +348,8 @@ def test_a_lone_run_trains_on_every_core_and_says_so(
     finally:
         torch.set_num_threads(1)
     (run,) = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
-    assert run["threads"] == 3 and run["compiled"] is False
-    assert "[aevb N_z=2] training on 3 threads, eager step" in capsys.readouterr().out
+    assert run["threads"] == 3
+    assert "[aevb N_z=2] training on 3 threads" in capsys.readouterr().out
 
 
 def test_the_time_estimate_is_printed_before_training_and_the_wall_time_after(
@@ -637,7 +585,16 @@ def test_settings_that_cannot_change_the_numbers_do_not_refuse(
 ) -> None:
     out = tmp_path / "out"
     assert rf.main(tiny_args(mnist_dir, out)) == 0
-    same_numbers = ("--threads", "2", "--jobs", "2", "--compile", "on", "--lr-pilot-samples", "500")
+    same_numbers = (
+        "--threads",
+        "2",
+        "--jobs",
+        "2",
+        "--graph-steps",
+        "9",
+        "--lr-pilot-samples",
+        "9",
+    )
     assert rf.main(tiny_args(mnist_dir, out, *same_numbers)) == 0
     assert capsys.readouterr().out.count("already done: skipped") == 4
     assert rf.main(tiny_args(mnist_dir, out, "--hidden-size", "17")) == 2  # this one does
