@@ -23,7 +23,6 @@ import contextlib
 import copy
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -48,6 +47,7 @@ import matplotlib
 import numpy as np
 import torch
 import torchvision
+from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from pyautoencoder.variational import VAE
 from torch import nn
@@ -1451,48 +1451,49 @@ def figure_order(run: dict) -> tuple[int, int, int]:
 class RunLock:
     """The lock on one run, held by the process that trains it.
 
-    fcntl.flock on a lock file: the operating system releases it when that process ends,
-    however it ends, so no stale lock survives a kill. The file names the holder.
+    A file lock (filelock: flock on POSIX, msvcrt on Windows), which the operating system
+    releases when that process ends, however it ends, so no stale lock survives a kill. The
+    file names the holder.
     """
 
     def __init__(self, path: str) -> None:
-        self.path, self.fd = path, -1
+        self.path, self.file_lock = path, FileLock(path)
 
     def acquire(self) -> str | None:
         """Take the lock: None when taken, else who holds it ("host pid N")."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            return holder or "another process"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
-        self.fd = fd
+            self.file_lock.acquire(timeout=0)
+        except Timeout:
+            return holder_named_in(self.path)
+        with contextlib.suppress(OSError), open(self.path, "w") as f:
+            f.write(f"{socket.gethostname()} pid {os.getpid()}")
         return None
 
     def release(self) -> None:
         """Let the run go."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.file_lock.is_locked:
+            self.file_lock.release()
+
+
+def holder_named_in(path: str) -> str:
+    """Who a held lock file names as its holder."""
+    with contextlib.suppress(OSError), open(path, errors="replace") as f:
+        return f.read(200).strip() or "another process"
+    return "another process"
 
 
 def lock_holder(path: str) -> str | None:
     """Who holds the lock at `path` now, or None when nobody does."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         return None
+    probe = FileLock(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-    finally:
-        os.close(fd)
+        probe.acquire(timeout=0)
+    except Timeout:
+        return holder_named_in(path)
+    probe.release()
+    return None
 
 
 @dataclass(frozen=True)
@@ -1525,12 +1526,8 @@ class ResultsFolder:
         """Hold the folder's own lock: rebuilding the combined results and taking a run's lock
         happen one process at a time, so a probe of a lock never makes another process skip."""
         os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(os.path.join(self.folder, ".folder.lock"), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with FileLock(os.path.join(self.folder, ".folder.lock")):
             yield
-        finally:
-            os.close(fd)
 
     def lock(self, key: RunKey) -> tuple[RunLock, str | None]:
         """Try to take one run's lock: the lock, and None or who holds it instead."""
