@@ -10,10 +10,10 @@ way the paper does.
     python reproduce_fig2.py --help             # every constant below as a flag
 
 Read from the top to the MACHINERY banner to learn the experiment: constants, data, the
-paper's networks, the ELBO, the AEVB and wake-sleep steps, the loop over the runs, the figure
-and main(). Below the banner is what makes long runs safe and fast: stop requests,
-checkpoints, results files and locks, CUDA graphs, worker processes, the time estimate, the
-benchmark and the command line.
+paper's networks, the ELBO, the AEVB and wake-sleep steps, the loop over the runs and the
+figure. Below the banner is what makes long runs safe and fast (stop requests, checkpoints,
+results files and locks, CUDA graphs, worker processes, the time estimate, the command line),
+and last main(), which chains the two. tests/benchmark.py measures the engine's speed.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import matplotlib
@@ -83,8 +84,6 @@ JOBS: int = 2  # CPU: runs trained side by side in worker processes (2 x 1 threa
 CHECKPOINT_EVERY_S: float = 600.0  # a checkpoint at least this often, besides one at each point
 GRAPH_STEPS: int = 50  # CUDA: training steps per CUDA graph, replayed as one launch; 0: no graphs
 ESTIMATE_STEPS: int = 20  # timed steps per run for the time estimate (CUDA: 4 graph launches)
-BENCHMARK_STEPS: int = 100  # training steps per timing window of --benchmark
-BENCHMARK_WINDOWS: int = 5  # timing windows of --benchmark (after one warm-up window)
 
 FIGURE_NAME = "vae_mnist_fig2_repro.png"  # figure written to OUT_DIR
 FIGURE_EVERY_S = 60.0  # while training, the figure is redrawn at most this often (and at the end)
@@ -197,13 +196,6 @@ class Config:
     )
     fresh: bool = flag(
         False, "start over: keep the earlier results and checkpoints aside", action="store_true"
-    )
-    benchmark: bool = flag(
-        False, "print training and evaluation speed, no training", action="store_true"
-    )
-    benchmark_json: str = flag("", "also write the --benchmark numbers as JSON to this file")
-    benchmark_steps: int = flag(
-        BENCHMARK_STEPS, "steps per timing window of --benchmark", type=positive(int)
     )
 
     @property
@@ -369,8 +361,8 @@ class Batches:
         self.pos = self.per_epoch  # minibatches taken from this epoch's order: none left
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # pos, on the device
 
-    def left(self) -> int:
-        """Minibatches left in this epoch, after starting a new epoch if this one is used up."""
+    def begin_epoch_if_used_up(self) -> int:
+        """Start a new epoch's order if this one is used up; the minibatches left in the epoch."""
         if self.pos == self.per_epoch:
             perm = torch.randperm(
                 len(self.images), generator=self.generator, device=self.images.device
@@ -735,7 +727,7 @@ def advance_eagerly(runs: list[Run], target: int, until: float = math.inf) -> bo
     where they stopped)."""
     for run in runs:
         while run.samples < target and not STOP_REQUEST and time.monotonic() < until:
-            run.batches.left()  # a new epoch's order when this one is used up
+            run.batches.begin_epoch_if_used_up()
             run.loss = run.step()
             run.samples += run.batches.batch_size
     return not STOP_REQUEST
@@ -811,9 +803,9 @@ def pick_lr(
         if not advance_eagerly([pilot], pilot_end):
             raise Interrupted(128 + STOP_REQUEST[0])
         finite = bool(torch.isfinite(pilot.loss))
-        score = evaluate_elbo(pilot.vae, data.train_eval, cfg.seed)["elbo"] if finite else math.nan
-        scores[repr(lr)] = score if math.isfinite(score) else None
-        log(f"[{key.name}] pilot lr {lr}: train ELBO {score:.3f} after {pilot_end:,} samples")
+        elbo = evaluate_elbo(pilot.vae, data.train_eval, cfg.seed)["elbo"] if finite else math.nan
+        scores[repr(lr)] = elbo if math.isfinite(elbo) else None
+        log(f"[{key.name}] pilot lr {lr}: train ELBO {elbo:.3f} after {pilot_end:,} samples")
     best = max(LR_CANDIDATES, key=lambda lr: -math.inf if (s := scores[repr(lr)]) is None else s)
     log(f"[{key.name}] chose lr {best}")
     return best, scores
@@ -952,7 +944,7 @@ def show_strip(ax: Any, images: torch.Tensor, title: str) -> None:
 
 # ################################################################################################
 # MACHINERY: everything below serves long runs (stopping and resuming, checkpoints, results
-# files and locks, CUDA graphs, worker processes, the time estimate, the benchmark, the command
+# files and locks, CUDA graphs, worker processes, the time estimate, the command
 # line). The experiment is above; main() at the end chains the two.
 # ################################################################################################
 
@@ -1150,7 +1142,9 @@ class CudaGraphs:
         """Steps of the run's next replay, counted on the host as taken (the graph moves only
         the device's count): the long graph while it fits before both the target and the end
         of the epoch (a graph cannot start a new one), else the one-step graph."""
-        steps = min((target - run.samples) // run.batches.batch_size, run.batches.left())
+        steps = min(
+            (target - run.samples) // run.batches.batch_size, run.batches.begin_epoch_if_used_up()
+        )
         n = self.steps if steps >= self.steps else 1
         run.batches.pos += n
         run.samples += n * run.batches.batch_size
@@ -1181,16 +1175,18 @@ class CudaGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                run.batches.left()
+                run.batches.begin_epoch_if_used_up()
                 run.step()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         load_run_state(run, saved)
-        run.batches.left()  # a capture must not start a new epoch
+        run.batches.begin_epoch_if_used_up()  # a capture must not start a new epoch
         graphs, losses = {}, {}
         for n in dict.fromkeys((self.steps, 1)):
             graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(run.gen)
+            with warnings.catch_warnings():  # needed up to torch 2.11; later a no-op that warns
+                warnings.filterwarnings("ignore", message=r".*register_generator_state")
+                graph.register_generator_state(run.gen)
             with torch.cuda.graph(graph, stream=stream):
                 for _ in range(n):
                     loss = run.step()
@@ -1330,18 +1326,18 @@ class Checkpoints:
     fingerprint: dict
 
     @property
-    def folder(self) -> str:
+    def checkpoints_dir(self) -> str:
         """Where the checkpoints live."""
         return os.path.join(self.out_dir, CHECKPOINTS_FOLDER)
 
     @property
-    def models(self) -> str:
+    def models_dir(self) -> str:
         """Where the final models live."""
         return os.path.join(self.out_dir, MODELS_FOLDER)
 
     def path(self, key: RunKey, folder: str = "") -> str:
         """The checkpoint of one run (or its file in another folder)."""
-        return os.path.join(folder or self.folder, f"{key.stem}.pt")
+        return os.path.join(folder or self.checkpoints_dir, f"{key.stem}.pt")
 
     def save(self, key: RunKey, state: dict, folder: str = "") -> None:
         """Write a checkpoint (or, into the models folder, a final model) atomically."""
@@ -1367,7 +1363,7 @@ class Checkpoints:
     def resume_state(self, key: RunKey) -> dict | None:
         """Where an unfinished run goes on from: its checkpoint, else the whole state its final
         model was saved with (a run done at fewer samples, extended), else None."""
-        return self.load(key) or self.load(key, self.models)
+        return self.load(key) or self.load(key, self.models_dir)
 
     def save_model(self, run: Run, cfg: Config) -> None:
         """Write a run's final model to OUT_DIR/models/ with the whole state the run ended in
@@ -1381,14 +1377,14 @@ class Checkpoints:
         else:
             state = run_state(run)
         about = {"hidden_size": cfg.hidden_size, "seed": run.record["seed"], "diverged": diverged}
-        self.save(run.key, state | run.key._asdict() | about, self.models)
+        self.save(run.key, state | run.key._asdict() | about, self.models_dir)
 
     def remove(self, key: RunKey) -> None:
         """Drop a finished run's checkpoint, and the checkpoint folder once it is empty."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(key))
         with contextlib.suppress(OSError):  # not empty: other runs still have checkpoints
-            os.rmdir(self.folder)
+            os.rmdir(self.checkpoints_dir)
 
 
 def load_models(out_dir: str) -> dict[RunKey, dict]:
@@ -1513,20 +1509,20 @@ class ResultsFolder:
     end: int = 0  # this invocation's last evaluation point: runs done short of it are extended
 
     @property
-    def folder(self) -> str:
+    def runs_dir(self) -> str:
         """Where the run files and their locks live."""
         return os.path.join(self.out_dir, RUNS_FOLDER)
 
     def path(self, key: RunKey, ext: str = ".json") -> str:
         """The run file (or with ext=".lock", the lock file) of one run."""
-        return os.path.join(self.folder, f"{key.stem}{ext}")
+        return os.path.join(self.runs_dir, f"{key.stem}{ext}")
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the folder's own lock: rebuilding the combined results and taking a run's lock
         happen one process at a time, so a probe of a lock never makes another process skip."""
-        os.makedirs(self.folder, exist_ok=True)
-        with FileLock(os.path.join(self.folder, ".folder.lock")):
+        os.makedirs(self.runs_dir, exist_ok=True)
+        with FileLock(os.path.join(self.runs_dir, ".folder.lock")):
             yield
 
     def lock(self, key: RunKey) -> tuple[RunLock, str | None]:
@@ -1553,8 +1549,8 @@ class ResultsFolder:
         """Every run file in the folder by run; CheckpointError for one that is unreadable or
         was made with other settings."""
         runs = {}
-        for name in sorted(glob_json(self.folder)):
-            path = os.path.join(self.folder, name)
+        for name in sorted(glob_json(self.runs_dir)):
+            path = os.path.join(self.runs_dir, name)
             try:
                 with open(path) as f:
                     saved = json.load(f)
@@ -1569,7 +1565,7 @@ class ResultsFolder:
         """Write one run's file atomically (its fingerprint, this process's config and
         environment, the run), then rebuild the combined results, and at most every
         FIGURE_EVERY_S seconds the figure."""
-        os.makedirs(self.folder, exist_ok=True)
+        os.makedirs(self.runs_dir, exist_ok=True)
         saved = {"fingerprint": self.fingerprint, **self.header, "run": run}
         write_json_atomic(saved, self.path(RunKey.of(run)))
         png = os.path.join(self.out_dir, FIGURE_NAME)
@@ -2018,171 +2014,6 @@ def fmt_duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-# -------------------------------------------------------------------------------- benchmark
-def benchmark(cfg: Config, device: torch.device) -> dict[str, float | str | None]:
-    """Measure and print the speed of the real engine (one AEVB N_z = 20 run, and every run of
-    the configuration in flight), of the plain-PyTorch step and the DataLoader loop beside it,
-    an evaluation, the machine's matrix product and the peak memory; JSON too if asked."""
-    data, source = benchmark_data(cfg, device)
-    threads = torch.get_num_threads()
-    engine = graphs_for(cfg, device)
-    step = f"CUDA graphs of {cfg.graph_steps} steps" if engine else "eager steps"
-    log(f"benchmark: batch {cfg.batch_size}, {source}, {device}, {threads} threads, {step}")
-
-    def fresh(key: RunKey) -> Run:
-        record = {"seed": setting_seed(cfg.seed, *key), "lr": cfg.timing_lr}
-        return new_run(key, record, cfg, data, device)
-
-    advance = engine.advance if engine else advance_eagerly
-    one, every = [fresh(RunKey("aevb", 20))], [fresh(key) for key in runs_of(replace(cfg, seeds=1))]
-    plain = plain_step(cfg, device, data.train)
-    n = cfg.benchmark_steps
-    rates = steps_per_second(
-        {
-            "one run": (lambda: advance_by(one, n, advance), n),
-            "plain step": (lambda: plain(n), n),
-            "all runs": (lambda: advance_by(every, n, advance), n * len(every)),
-            "DataLoader": (dataloader_steps(cfg, device, source), n),
-        }
-    )
-    eval_s = statistics.median(seconds_per_evaluation(one[0].vae, data, cfg.seed) for _ in range(3))
-    gflops = matmul_gflops(device)
-    achieved = rates["one run"] * cfg.batch_size * flops_per_training_sample(20, cfg.hidden_size)
-    import resource
-
-    result: dict[str, float | str | None] = {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "device_name": environment(device, threads)["device_name"],
-        "torch": str(torch.__version__),
-        "threads": threads,
-        "data": source,
-        "step": step,
-        "steps_per_s_one_run": rates["one run"],
-        "steps_per_s_plain_step": rates["plain step"],
-        "ratio_one_run_to_plain_step": rates["one run"] / rates["plain step"],
-        "steps_per_s_all_runs": rates["all runs"],
-        "runs_in_flight": len(every),
-        "steps_per_s_dataloader_loop": rates["DataLoader"],
-        "ratio_one_run_to_dataloader_loop": rates["one run"] / rates["DataLoader"],
-        "eval_seconds": eval_s,
-        "matmul_2048_gflops": gflops,
-        "training_gflops_one_run": achieved / 1e9,
-        "efficiency_training_to_matmul": achieved / 1e9 / gflops,
-        "peak_resident_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_cuda_mib": torch.cuda.max_memory_allocated(device) / 2**20
-        if device.type == "cuda"
-        else None,
-    }
-    for key, value in result.items():
-        log(f"  {key:<36} {value:,.3f}" if isinstance(value, float) else f"  {key:<36} {value}")
-    if cfg.benchmark_json:
-        write_json_atomic(result, cfg.benchmark_json)
-        log(f"  written to {cfg.benchmark_json}")
-    return result
-
-
-def benchmark_data(cfg: Config, device: torch.device) -> tuple[Data, str]:
-    """The images to time with and what they are: MNIST from --data-dir (checked, or not with
-    --no-verify-data), else random images of MNIST's shape."""
-    try:
-        data = load_data(cfg.data_dir, device, False, cfg.seed, cfg.verify_data, download=False)
-    except DataError:
-        train = torch.rand(60_000, 1, 28, 28, device=device)
-        return Data(train, train, torch.rand(10_000, 1, 28, 28, device=device)), (
-            f"random images of MNIST's shape (no MNIST under {cfg.data_dir})"
-        )
-    checked = "MNIST (checksums verified)" if cfg.verify_data else "unchecked MNIST-format files"
-    return data, f"{checked} from {cfg.data_dir}"
-
-
-def steps_per_second(timed: dict[str, tuple[Callable[[], Any], int]]) -> dict[str, float]:
-    """Median steps/s of each (window, steps per window), timed in interleaved windows after a
-    warm-up window, so that all of them see the same machine."""
-    rates: dict[str, list[float]] = {name: [] for name in timed}
-    for w in range(BENCHMARK_WINDOWS + 1):
-        for name, (window, steps) in timed.items():
-            start = time.perf_counter()
-            window()
-            if w:
-                rates[name].append(steps / (time.perf_counter() - start))
-    return {name: statistics.median(r) for name, r in rates.items()}
-
-
-def flops_per_training_sample(latent_dim: int, hidden_size: int) -> float:
-    """FLOPs of one SGVB training step per sample: 2 x multiply-adds of the forward pass x 2.5."""
-    macs = 784 * hidden_size + hidden_size * 2 * latent_dim + latent_dim * hidden_size
-    return 2 * (macs + hidden_size * 784) * 2.5
-
-
-def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of a size x size float32 matrix product on `device` (median of `repeats`)."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        float((a @ b)[0, 0])  # the read synchronises a GPU
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times[1:]) / 1e9
-
-
-def plain_step(cfg: Config, device: torch.device, images: torch.Tensor) -> Callable[[int], float]:
-    """The yardstick: the AEVB step (N_z = 20) written as plain PyTorch, n steps per call.
-
-    Four nn.Linear layers (one holds both Gaussian heads), tanh, the reparameterised sample,
-    BCE with logits summed over pixels, the closed-form KL written out, Adagrad with the same
-    weight decay (fused on the CPU), random minibatches of resident data.
-    """
-    h, nz = cfg.hidden_size, 20
-    layers = [nn.Linear(784, h), nn.Linear(h, 2 * nz), nn.Linear(nz, h), nn.Linear(h, 784)]
-    enc, head, dec1, dec2 = (layer.to(device) for layer in layers)
-    params = [p for layer in (enc, head, dec1, dec2) for p in layer.parameters()]
-    fused = {"fused": True} if device.type == "cpu" else {"foreach": True}
-    opt = torch.optim.Adagrad(params, lr=cfg.timing_lr, weight_decay=WEIGHT_DECAY, **fused)
-    flat = images.flatten(1)
-
-    def steps(n: int) -> float:
-        for _ in range(n):
-            x = flat[torch.randint(len(flat), (cfg.batch_size,), device=device)]
-            opt.zero_grad(set_to_none=True)
-            mu, log_var = head(torch.tanh(enc(x))).chunk(2, dim=1)
-            z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
-            rec = binary_cross_entropy_with_logits(dec2(torch.tanh(dec1(z))), x, reduction="sum")
-            loss = (rec + 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()) / len(x)
-            loss.backward()
-            opt.step()
-        return float(loss.detach())  # waits for the device
-
-    return steps
-
-
-def dataloader_steps(cfg: Config, device: torch.device, source: str) -> Callable[[], float]:
-    """The pyautoencoder example's loop (DataLoader, ToTensor per image, the library's
-    compute_loss), cfg.benchmark_steps steps per call."""
-    if source.startswith("random"):
-        images = (torch.rand(60_000, 28, 28) * 255).to(torch.uint8)
-        dataset: Any = torch.utils.data.TensorDataset(images.float().div(255).unsqueeze(1))
-    else:
-        to_tensor = torchvision.transforms.ToTensor()
-        dataset = torchvision.datasets.MNIST(cfg.data_dir, train=True, transform=to_tensor)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True
-    )
-    vae = build_vae(20, cfg.hidden_size).to(device)
-    opt = torch.optim.Adagrad(vae.parameters(), lr=cfg.timing_lr, weight_decay=WEIGHT_DECAY)
-    batches = (batch[0] for _ in iter(int, 1) for batch in loader)
-
-    def steps() -> float:
-        for _ in range(cfg.benchmark_steps):
-            x = next(batches).to(device)
-            opt.zero_grad()
-            loss = vae.compute_loss(x, vae(x), likelihood="bernoulli").objective
-            loss.backward()
-            opt.step()
-        return float(loss.detach())
-
-    return steps
-
-
 # -------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per Config field, each defaulting to its constant."""
@@ -2294,10 +2125,6 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.plot_only:
         return plot_only(cfg)
     device = resolve_device(cfg.device)
-    if cfg.benchmark:  # one process: all cores unless --threads says otherwise
-        torch.set_num_threads(cfg.threads or cpu_count())
-        benchmark(cfg, device)
-        return 0
     try:
         data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
         if len(data.train) < cfg.batch_size:
@@ -2344,7 +2171,7 @@ def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
         print(f"left to another process: [{key.name}], held by {holder}")
     if code >= 128:
         print(
-            f"stopped by signal {code - 128}: checkpoints are in {store.folder}; "
+            f"stopped by signal {code - 128}: checkpoints are in {store.checkpoints_dir}; "
             "run the same command again to continue",
             file=sys.stderr,
         )

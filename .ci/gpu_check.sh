@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one go of at most 8 minutes on a machine with an NVIDIA GPU and torch:
 #   1. the tests marked cuda;
-#   2. --benchmark (one run, then all ten in flight) beside the plain-PyTorch yardstick;
+#   2. tests/benchmark.py (one run, then all ten in flight) beside the plain-PyTorch yardstick;
 #   3. AEVB N_z = 20 to 10^6 samples, compared with docs/cpu_1e6/ (within the 4-seed spread).
 # It needs, in $CARRY (default .carry/): pyautoencoder's wheel (pip download pyautoencoder==2.1.0
 # --no-deps -d .carry), the four MNIST files gzipped (train-images-idx3-ubyte.gz, ...) and the
@@ -21,8 +21,8 @@ for f in "$CARRY"/*-ubyte.gz; do gunzip -c "$f" >"$DATA/MNIST/raw/$(basename "$f
   python -c "import torch; print('torch', torch.__version__)"
   timeout 200 python -m pytest -q -m cuda -p no:cacheprovider tests; } 2>&1 | tee "$OUT/tests.log"
 
-{ timeout 100 python reproduce_fig2.py --benchmark --data-dir "$DATA" \
-    --benchmark-json "$OUT/benchmark.json"
+{ timeout 100 python tests/benchmark.py --data-dir "$DATA" \
+    --json "$OUT/benchmark.json"
   if [ -f "$CARRY/gpu_step.py" ]; then timeout 80 python "$CARRY/gpu_step.py" 2; fi
 } 2>&1 | tee "$OUT/benchmark.log"
 

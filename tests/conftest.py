@@ -1,4 +1,6 @@
-"""Shared test helpers: synthetic MNIST in torchvision's raw layout, and a tiny configuration."""
+"""Shared test helpers: synthetic MNIST in torchvision's raw layout (`make_mnist_dir`, the
+`mnist_dir` and `synthetic_data` fixtures), a tiny configuration (`tiny_config`, and
+`tiny_args` for the command line), `train_n_z3` and the comparison of results (`measured`)."""
 
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ def train_n_z3(
 
 
 def tiny_config(**kw: Any) -> rf.Config:
-    """A Config for train_run() calls of a second on the synthetic data."""
+    """A Config for runs of a second on the synthetic data, trained by `train_n_z3` or by
+    `rf.start_run` and `rf.train` directly."""
     base = {
         "latent_dims": (3,),
         "methods": ("aevb",),

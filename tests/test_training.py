@@ -273,7 +273,7 @@ def test_graph_replays_stop_at_the_target_and_never_cross_an_epoch(
     chunks: dict[int, list[int]] = {}
     for target in (350, 1000, 2050):  # evaluation points off the epochs' ends
         while run.samples < target:
-            left = run.batches.left()
+            left = run.batches.begin_epoch_if_used_up()
             n = engine.next_replay(run, target)  # a replay would follow here on a GPU
             assert n <= left and run.samples <= target
             chunks.setdefault(target, []).append(n)
