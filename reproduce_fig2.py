@@ -60,17 +60,17 @@ LATENT_DIMS: tuple[int, ...] = (3, 5, 10, 20, 200)  # latent sizes N_z, one pane
 METHODS: tuple[str, ...] = ("aevb", "wake-sleep")  # training algorithms compared in each panel
 HIDDEN_SIZE: int = 500  # hidden units of encoder and decoder (appendix C, MNIST)
 BATCH_SIZE: int = 100  # minibatch size M
-LEARNING_RATE: float | str = 0.02  # Adagrad global step size, or "auto": pick one by pilot runs
+LR: float | str = 0.02  # Adagrad global step size, or "auto": pick one by pilot runs
 LR_CANDIDATES: tuple[float, ...] = (0.01, 0.02, 0.1)  # step sizes the paper chose from
-LR_PILOT_SAMPLES: int = 100_000  # training samples of each pilot run when LEARNING_RATE is "auto"
+LR_PILOT_SAMPLES: int = 100_000  # training samples of each pilot run when LR is "auto"
 MC_SAMPLES: int = 1  # z samples per datapoint, L
 WEIGHT_DECAY: float = 1 / 60_000  # N(0, I) prior on parameters, per datapoint: 1 / N_train
 INIT_STD: float = 0.01  # standard deviation of the N(0, .) initialisation of every parameter
-TARGET_TRAIN_SAMPLES: int = 10_000_000  # training samples per (method, N_z) run
-EVAL_START_SAMPLES: int = 100_000  # first evaluation point (the paper's axis starts at 1e5)
+SAMPLES: int = 10_000_000  # training samples per (method, N_z) run
+EVAL_START: int = 100_000  # first evaluation point (the paper's axis starts at 1e5)
 EVALS_PER_DECADE: int = 10  # log-spaced evaluation points per factor of ten of samples
 EVAL_BATCH_SIZE: int = 5_000  # images per forward pass when scoring the ELBO
-USE_STOCHASTIC_BINARIZATION: bool = False  # train on Bernoulli samples of the grey levels
+BINARIZE: bool = False  # train on Bernoulli samples of the grey levels
 DATA_DIR: str = "./data"  # folder that holds MNIST/raw/ (torchvision layout)
 VERIFY_DATA: bool = True  # check the files against the standard MNIST SHA-256 digests
 OUT_DIR: str = "."  # folder for the PNG and the JSON results
@@ -81,7 +81,7 @@ IW_DECODES_PER_PASS: int = 50_000  # decoder passes per batch of the log p(x) es
 DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
 THREADS: int = 0  # CPU threads per run; 0 shares the cores among the runs in flight
 JOBS: int = 2  # CPU: runs trained side by side in worker processes (2 x 1 thread on 2 cores)
-CHECKPOINT_EVERY_S: float = 600.0  # a checkpoint at least this often, besides one at each point
+CHECKPOINT_EVERY: float = 600.0  # seconds of training between checkpoints, besides one per point
 GRAPH_STEPS: int = 50  # CUDA: training steps per CUDA graph, replayed as one launch; 0: no graphs
 ESTIMATE_STEPS: int = 20  # timed steps per run for the time estimate (CUDA: 4 graph launches)
 
@@ -144,17 +144,13 @@ class Config:
         LATENT_DIMS, "latent sizes, one panel each", nargs="+", type=positive(int), metavar="N_Z"
     )
     methods: tuple[str, ...] = flag(METHODS, "training algorithms", nargs="+", choices=METHODS)
-    samples: int = flag(
-        TARGET_TRAIN_SAMPLES, "training samples per run (1e6 or 1000000)", type=sample_count
-    )
-    eval_start: int = flag(
-        EVAL_START_SAMPLES, "first evaluation point, in samples", type=sample_count
-    )
+    samples: int = flag(SAMPLES, "training samples per run (1e6 or 1000000)", type=sample_count)
+    eval_start: int = flag(EVAL_START, "first evaluation point, in samples", type=sample_count)
     evals_per_decade: int = flag(
         EVALS_PER_DECADE, "evaluation points per decade of samples", type=positive(int)
     )
     lr: float | str = flag(
-        LEARNING_RATE,
+        LR,
         f"Adagrad step size, or 'auto' to pick from {list(LR_CANDIDATES)}",
         type=learning_rate,
     )
@@ -163,7 +159,7 @@ class Config:
     )
     batch_size: int = flag(BATCH_SIZE, "minibatch size", type=positive(int))
     hidden_size: int = flag(HIDDEN_SIZE, "hidden units of encoder and decoder", type=positive(int))
-    binarize: bool = flag(USE_STOCHASTIC_BINARIZATION, "stochastic binarization of the images")
+    binarize: bool = flag(BINARIZE, "stochastic binarization of the images")
     seed: int = flag(SEED, "master random seed", type=int)
     seeds: int = flag(
         SEEDS, "seeds per (method, N_z): the figure draws median and range", type=positive(int)
@@ -184,7 +180,7 @@ class Config:
         type=int,
     )
     checkpoint_every: float = flag(
-        CHECKPOINT_EVERY_S,
+        CHECKPOINT_EVERY,
         "seconds of training between checkpoints, besides the one at each evaluation point",
         type=positive(float),
     )
@@ -598,7 +594,7 @@ def log(message: str) -> None:
 def eval_schedule(
     target: int,
     batch_size: int = BATCH_SIZE,
-    start: int = EVAL_START_SAMPLES,
+    start: int = EVAL_START,
     per_decade: int = EVALS_PER_DECADE,
 ) -> list[int]:
     """Sample counts to evaluate at: 10^(k / per_decade) in whole minibatches, then the target."""
@@ -1157,7 +1153,7 @@ class CudaGraphs:
         the cause and the way out, if the step cannot be captured."""
         saved = run_state(run)
         try:
-            return self.record(run, saved)
+            return self.capture_graphs(run, saved)
         except Exception as exc:  # any capture problem becomes one line, naming the first
             cause = exc  # error (a failed capture's own cleanup can raise a second)
             while cause.__context__ is not None:
@@ -1168,7 +1164,7 @@ class CudaGraphs:
                 "same numbers, slower) or --device cpu; nothing was lost"
             ) from exc
 
-    def record(self, run: Run, saved: dict) -> Graphed:
+    def capture_graphs(self, run: Run, saved: dict) -> Graphed:
         """Capture the run's graphs on a new stream after a warm-up (where lazy initialisation
         happens), then put the run back to `saved`."""
         stream = torch.cuda.Stream()
@@ -1245,7 +1241,7 @@ def write_json_atomic(obj: dict, path: str) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def keep_aside(path: str) -> None:
+def move_aside(path: str) -> None:
     """Move an earlier results file or folder out of the way, time-stamped."""
     if os.path.exists(path):
         stem, ext = os.path.splitext(path)
@@ -1611,7 +1607,7 @@ def open_results(
     folder = ResultsFolder(cfg.out_dir, fp, header, tuple(runs_of(cfg)), end)
     if cfg.fresh:
         for name in (RESULTS_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER, SAMPLES_NAME):
-            keep_aside(os.path.join(cfg.out_dir, name))
+            move_aside(os.path.join(cfg.out_dir, name))
     on_disk = folder.read()
     todo = []
     for key in folder.keys:
@@ -1731,7 +1727,7 @@ def fail(run: dict, error: str, trace: str = "") -> None:
 
 
 # -------------------------------------------------------------------------------- training here
-def train_here(
+def train_in_this_process(
     keys: list[RunKey],
     cfg: Config,
     data: Data,
@@ -1787,7 +1783,7 @@ def train_here(
     return left, seconds
 
 
-def _worker(
+def worker(
     cfg: Config,
     key: RunKey,
     folder: ResultsFolder,
@@ -1807,7 +1803,7 @@ def _worker(
         def send(key: RunKey, run: dict) -> None:
             messages.put(("run", key, copy.deepcopy(run)))
 
-        left, _ = train_here([key], cfg, data, device, folder, store, send)
+        left, _ = train_in_this_process([key], cfg, data, device, folder, store, send)
         for held, holder in left.items():
             messages.put(("held", held, holder))
     except Interrupted:
@@ -1839,7 +1835,7 @@ class Workers:
         self.left: dict[RunKey, str] = {}
         self.disk_full = ""  # what a worker said when the disk filled
 
-    def run(self, todo: list[RunKey]) -> dict[RunKey, str]:
+    def train(self, todo: list[RunKey]) -> dict[RunKey, str]:
         """Train the runs in `todo` until each has ended; the runs left to others."""
         waiting, running, forwarded = list(todo), {}, False
         while waiting or running:
@@ -1852,7 +1848,7 @@ class Workers:
                 threads = threads_for(self.cfg, min(self.cfg.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
                 args = (self.cfg, key, self.folder, self.store, self.messages, threads)
-                running[key] = self.ctx.Process(target=_worker, args=args, name=key.stem)
+                running[key] = self.ctx.Process(target=worker, args=args, name=key.stem)
                 running[key].start()
             self.receive(timeout=0.2)
             for key, process in list(running.items()):
@@ -2096,7 +2092,7 @@ def plot_only(cfg: Config) -> int:
     return 0
 
 
-def train_all(
+def train_runs(
     cfg: Config,
     data: Data,
     device: torch.device,
@@ -2112,9 +2108,11 @@ def train_all(
         if in_workers(cfg, device, todo):
             estimate = estimate_workers(cfg, data, device, todo, on_disk)
             say_estimate(cfg, len(todo), min(cfg.jobs, len(todo)), estimate)
-            return Workers(cfg, folder, store, progress).run(todo), estimate
+            return Workers(cfg, folder, store, progress).train(todo), estimate
         torch.set_num_threads(cfg.threads or cpu_count())
-        return train_here(todo, cfg, data, device, folder, store, progress.show, estimate=True)
+        return train_in_this_process(
+            todo, cfg, data, device, folder, store, progress.show, estimate=True
+        )
     finally:
         progress.close()
 
@@ -2154,7 +2152,7 @@ def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
     started, code, left, estimate = time.perf_counter(), 0, {}, 0.0
     with stop_requests():
         try:
-            left, estimate = train_all(cfg, data, device, folder, store, todo, on_disk)
+            left, estimate = train_runs(cfg, data, device, folder, store, todo, on_disk)
         except Interrupted as exc:
             code = exc.code
         results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it

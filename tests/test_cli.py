@@ -21,7 +21,7 @@ def test_editing_a_constant_changes_the_default_run(tmp_path: Path) -> None:
     script = Path(rf.__file__).read_text()
     edits = {
         "LATENT_DIMS: tuple[int, ...] = (3, 5, 10, 20, 200)": "LATENT_DIMS = (4, 7)",
-        "TARGET_TRAIN_SAMPLES: int = 10_000_000": "TARGET_TRAIN_SAMPLES: int = 123_400",
+        "SAMPLES: int = 10_000_000": "SAMPLES: int = 123_400",
     }
     for old, new in edits.items():
         assert script.count(old) == 1

@@ -111,9 +111,9 @@ import sys
 sys.path.insert(0, {root!r})
 import reproduce_fig2 as rf
 
-record = rf.CudaGraphs.record
+capture_graphs = rf.CudaGraphs.capture_graphs
 
-def syncing_record(self, run, saved):
+def syncing_capture(self, run, saved):
     step = run.step
 
     def syncing():
@@ -122,9 +122,9 @@ def syncing_record(self, run, saved):
         return loss
 
     run.step = syncing
-    return record(self, run, saved)
+    return capture_graphs(self, run, saved)
 
-rf.CudaGraphs.record = syncing_record
+rf.CudaGraphs.capture_graphs = syncing_capture
 sys.exit(rf.main(sys.argv[1:]))
 """
 

@@ -323,8 +323,8 @@ class StandInGraph:
 class StandInEngine(rf.CudaGraphs):
     """The CUDA engine over stand-in graphs, each told which run and how many steps it holds."""
 
-    def record(self, run: rf.Run, saved: dict) -> rf.Graphed:
-        graphed = super().record(run, saved)
+    def capture_graphs(self, run: rf.Run, saved: dict) -> rf.Graphed:
+        graphed = super().capture_graphs(run, saved)
         for steps, graph in graphed.graphs.items():
             graph.run, graph.steps = run, steps  # type: ignore[attr-defined]
         return graphed
