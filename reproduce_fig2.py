@@ -683,10 +683,11 @@ class Run:
         return self.record["status"]
 
 
-def new_run(key: RunKey, record: dict, cfg: Config, data: Data, device: torch.device) -> Run:
-    """The run of `record` at its start: the model initialised from its seed, its optimisers,
-    its minibatches and training step, all its noise drawn by one generator of its own."""
-    seed = record["seed"]
+def new_run(key: RunKey, record: dict, cfg: Config, data: Data) -> Run:
+    """The run of `record` at its start, on the data's device: the model initialised from its
+    seed, its optimisers, its minibatches and training step, all its noise drawn by one
+    generator of its own."""
+    seed, device = record["seed"], data.train.device
     with seeded(seed, torch.device("cpu")):
         vae = build_vae(key.latent_dim, cfg.hidden_size).to(device)
         after_init = torch.get_rng_state()
@@ -704,6 +705,61 @@ def new_run(key: RunKey, record: dict, cfg: Config, data: Data, device: torch.de
         return method_step(vae, opts, torch.bernoulli(x, generator=gen) if binarize else x, gen)
 
     return Run(key, record, vae, opts, batches, gen, step)
+
+
+def run_state(run: Run) -> dict:
+    """A copy of everything the run needs to go on exactly as it would have: its record,
+    samples, clock, model, optimisers, minibatch order and generator."""
+    return {
+        "run": copy.deepcopy(run.record),
+        "samples": run.samples,
+        "wall_seconds": run.clock.seconds(),
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in run.vae.state_dict().items()},
+        "optimizers": [copy.deepcopy(opt.state_dict()) for opt in run.opts],
+        "batches": run.batches.state(),
+        "generator": run.gen.get_state(),
+    }
+
+
+def load_run_state(run: Run, state: dict) -> None:
+    """Put the run back where run_state() found it, in place (a captured graph keeps working)."""
+    run.vae.load_state_dict(state["model"])
+    for opt, saved in zip(run.opts, state["optimizers"], strict=True):
+        # Adagrad makes its state when constructed: copied into, not replaced, for the graphs
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            for name, value in saved["state"][i].items():
+                opt.state[p][name].copy_(value)
+    run.batches.load_state(state["batches"])
+    run.gen.set_state(state["generator"])
+    run.samples, run.clock = state["samples"], Clock(state["wall_seconds"])
+
+
+def start_run(key: RunKey, cfg: Config, data: Data, checkpoint: dict | None) -> Run:
+    """A run ready to train: new (its step size picked by pilots with --lr auto), or where its
+    checkpoint (or the state of its final model, to extend it) stopped; its threads recorded."""
+    threads = torch.get_num_threads()
+    if checkpoint:
+        record = checkpoint["run"] | {"status": "running", "threads": threads}
+        record.pop("log_px", None)  # an extended run's is estimated again at its new end
+    else:
+        seed = setting_seed(cfg.seed, *key)
+        record = pending_record(key) | {"status": "running", "seed": seed, "threads": threads}
+        if cfg.lr == "auto":
+            record["lr"], record["lr_pilot_scores"] = pick_lr(key, cfg, data)
+        else:
+            record["lr"] = cfg.lr
+    run = new_run(key, record, cfg, data)
+    if checkpoint:
+        load_run_state(run, checkpoint)
+    device = data.train.device
+    where = f"{threads} thread{'s' * (threads > 1)}" if device.type == "cpu" else str(device)
+    log(f"[{key.name}] training on {where}")
+    if checkpoint and checkpoint["run"]["status"] == "done":
+        log(f"[{key.name}] extended from its end at {run.samples:,} samples")
+    elif checkpoint:
+        log(f"[{key.name}] resumed from its checkpoint at {run.samples:,} samples")
+    return run
 
 
 STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
@@ -730,13 +786,17 @@ def advance_eagerly(runs: list[Run], target: int, until: float = math.inf) -> bo
 
 
 Advance = Callable[[list[Run], int, float], bool]  # advance_eagerly, or CudaGraphs.advance
-Keep = Callable[[Run], None]  # what keeping a run means where it trains (see Keeper)
+Keep = Callable[[Run], None]  # keeps a run: ResultsFolder.keep (checkpoint, run file, screen)
 
 
-def train(runs: list[Run], cfg: Config, data: Data, advance: Advance, keep: Keep) -> bool:
+def train(
+    runs: list[Run], cfg: Config, data: Data, keep: Keep, advance: Advance | None = None
+) -> bool:
     """The experiment: from one evaluation point to the next, advance every run in flight to
-    it, score it on the whole training and test sets, keep it; a run at its last point gets
-    its log p(x) estimate. Returns False if a stop request cut training short."""
+    it (eager steps on the CPU, CUDA graphs on a GPU), score it on the whole training and test
+    sets, keep it; a run at its last point gets its log p(x) estimate. Returns False if a stop
+    request cut training short."""
+    advance = advance or advance_on(runs, cfg)
     end = schedule_of(cfg)[-1]
     for point in schedule_of(cfg):
         in_flight = [run for run in runs if run.status == "running" and run.samples < point]
@@ -787,15 +847,13 @@ def finish(run: Run, data: Data, cfg: Config) -> None:
     run.record["status"] = "done"
 
 
-def pick_lr(
-    key: RunKey, cfg: Config, data: Data, device: torch.device
-) -> tuple[float, dict[str, float | None]]:
+def pick_lr(key: RunKey, cfg: Config, data: Data) -> tuple[float, dict[str, float | None]]:
     """The paper's step-size choice: the candidate whose short pilot scores the best train ELBO."""
     scores: dict[str, float | None] = {}  # None: the pilot diverged (scored worst)
     pilot_end = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)[-1]
     for lr in LR_CANDIDATES:
         record = {"seed": setting_seed(cfg.seed, *key), "lr": lr}
-        pilot = new_run(key, record, cfg, data, device)
+        pilot = new_run(key, record, cfg, data)
         if not advance_eagerly([pilot], pilot_end):
             raise Interrupted(128 + STOP_REQUEST[0])
         finite = bool(torch.isfinite(pilot.loss))
@@ -1010,65 +1068,14 @@ def threads_for(cfg: Config, in_flight: int) -> int:
     return cfg.threads or max(1, cpu_count() // max(1, in_flight))
 
 
-def graphs_for(cfg: Config, device: torch.device) -> CudaGraphs | None:
-    """The CUDA graph engine on a GPU (unless --graph-steps 0), else None: eager steps."""
-    return CudaGraphs(cfg.graph_steps) if device.type == "cuda" and cfg.graph_steps else None
-
-
-# -------------------------------------------------------------------------------- run state
-def run_state(run: Run) -> dict:
-    """A copy of everything the run needs to go on exactly as it would have: its record,
-    samples, clock, model, optimisers, minibatch order and generator."""
-    return {
-        "run": copy.deepcopy(run.record),
-        "samples": run.samples,
-        "wall_seconds": run.clock.seconds(),
-        "model": {k: v.detach().to("cpu", copy=True) for k, v in run.vae.state_dict().items()},
-        "optimizers": [copy.deepcopy(opt.state_dict()) for opt in run.opts],
-        "batches": run.batches.state(),
-        "generator": run.gen.get_state(),
-    }
-
-
-def load_run_state(run: Run, state: dict) -> None:
-    """Put the run back where run_state() found it, in place (a captured graph keeps working)."""
-    run.vae.load_state_dict(state["model"])
-    for opt, saved in zip(run.opts, state["optimizers"], strict=True):
-        params = [p for group in opt.param_groups for p in group["params"]]
-        for i, p in enumerate(params):
-            for name, value in saved["state"][i].items():
-                opt.state[p][name].copy_(value)
-    run.batches.load_state(state["batches"])
-    run.gen.set_state(state["generator"])
-    run.samples, run.clock = state["samples"], Clock(state["wall_seconds"])
-
-
-def start_run(
-    key: RunKey, cfg: Config, data: Data, device: torch.device, checkpoint: dict | None
-) -> Run:
-    """A run ready to train: new (its step size picked by pilots with --lr auto), or where its
-    checkpoint (or the state of its final model, to extend it) stopped; its threads recorded."""
-    threads = torch.get_num_threads()
-    if checkpoint:
-        record = checkpoint["run"] | {"status": "running", "threads": threads}
-        record.pop("log_px", None)  # an extended run's is estimated again at its new end
-    else:
-        seed = setting_seed(cfg.seed, *key)
-        record = pending_record(key) | {"status": "running", "seed": seed, "threads": threads}
-        if cfg.lr == "auto":
-            record["lr"], record["lr_pilot_scores"] = pick_lr(key, cfg, data, device)
-        else:
-            record["lr"] = cfg.lr
-    run = new_run(key, record, cfg, data, device)
-    if checkpoint:
-        load_run_state(run, checkpoint)
-    where = f"{threads} thread{'s' * (threads > 1)}" if device.type == "cpu" else str(device)
-    log(f"[{key.name}] training on {where}")
-    if checkpoint and checkpoint["run"]["status"] == "done":
-        log(f"[{key.name}] extended from its end at {run.samples:,} samples")
-    elif checkpoint:
-        log(f"[{key.name}] resumed from its checkpoint at {run.samples:,} samples")
-    return run
+def advance_on(runs: list[Run], cfg: Config) -> Advance:
+    """How the runs advance: CUDA graphs on a GPU (unless --graph-steps 0), captured now, before
+    any run file changes (CaptureError if one cannot be); else eager steps."""
+    if not runs or runs[0].batches.images.device.type != "cuda" or not cfg.graph_steps:
+        return advance_eagerly
+    engine = CudaGraphs(cfg.graph_steps)
+    engine.capture_all(runs)
+    return engine.advance
 
 
 def one_line(exc: BaseException) -> str:
@@ -1312,77 +1319,7 @@ def check_settings(what: str, old: dict, new: dict) -> None:
         )
 
 
-# -------------------------------------------------------------------------------- checkpoints
-@dataclass(frozen=True)
-class Checkpoints:
-    """OUT_DIR's checkpoints (one file per unfinished run) and final models (one per finished
-    run), each tied to the fingerprint of the settings that made it."""
-
-    out_dir: str
-    fingerprint: dict
-
-    @property
-    def checkpoints_dir(self) -> str:
-        """Where the checkpoints live."""
-        return os.path.join(self.out_dir, CHECKPOINTS_FOLDER)
-
-    @property
-    def models_dir(self) -> str:
-        """Where the final models live."""
-        return os.path.join(self.out_dir, MODELS_FOLDER)
-
-    def path(self, key: RunKey, folder: str = "") -> str:
-        """The checkpoint of one run (or its file in another folder)."""
-        return os.path.join(folder or self.checkpoints_dir, f"{key.stem}.pt")
-
-    def save(self, key: RunKey, state: dict, folder: str = "") -> None:
-        """Write a checkpoint (or, into the models folder, a final model) atomically."""
-        path = self.path(key, folder)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        payload = {"fingerprint": self.fingerprint} | state
-        write_atomic(path, lambda f: torch.save(payload, f))
-
-    def load(self, key: RunKey, folder: str = "") -> dict | None:
-        """The run's checkpoint (or its file in another folder), or None; CheckpointError if
-        unreadable or from other settings."""
-        path = self.path(key, folder)
-        if not os.path.exists(path):
-            return None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            fingerprint = state["fingerprint"]
-        except Exception as exc:  # noqa: BLE001 (truncated, foreign or corrupt: say which file)
-            raise unreadable(f"checkpoint {path} ({type(exc).__name__})") from None
-        check_settings(f"checkpoint {path}", fingerprint, self.fingerprint)
-        return state
-
-    def resume_state(self, key: RunKey) -> dict | None:
-        """Where an unfinished run goes on from: its checkpoint, else the whole state its final
-        model was saved with (a run done at fewer samples, extended), else None."""
-        return self.load(key) or self.load(key, self.models_dir)
-
-    def save_model(self, run: Run, cfg: Config) -> None:
-        """Write a run's final model to OUT_DIR/models/ with the whole state the run ended in
-        (a longer run goes on from it); a diverged run's is the last good state from its
-        checkpoint, marked as diverged (none if it diverged before one)."""
-        diverged = run.status == "diverged"
-        if diverged:
-            if (state := self.load(run.key)) is None:
-                return
-            del state["fingerprint"]
-        else:
-            state = run_state(run)
-        about = {"hidden_size": cfg.hidden_size, "seed": run.record["seed"], "diverged": diverged}
-        self.save(run.key, state | run.key._asdict() | about, self.models_dir)
-
-    def remove(self, key: RunKey) -> None:
-        """Drop a finished run's checkpoint, and the checkpoint folder once it is empty."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(key))
-        with contextlib.suppress(OSError):  # not empty: other runs still have checkpoints
-            os.rmdir(self.checkpoints_dir)
-
-
+# -------------------------------------------------------------------------------- final models
 def load_models(out_dir: str) -> dict[RunKey, dict]:
     """The final models in OUT_DIR/models/ (first seed of each setting), by run."""
     folder = os.path.join(out_dir, MODELS_FOLDER)
@@ -1407,14 +1344,22 @@ def draw_samples(out_dir: str, digits: torch.Tensor, seed: int) -> str | None:
 
 
 # -------------------------------------------------------------------------------- results folder
+def print_nothing(key: RunKey, run: dict) -> None:
+    """Show nothing of a run (a results folder's default way of showing one)."""
+
+
 FINISHED = ("done", "diverged")  # statuses of runs that ended (a done one may be extended)
+
+
+def last_point(run: dict | None) -> int:
+    """The samples of a run record's last evaluation (0 for none, or no record)."""
+    return run["evals"][-1]["samples"] if run and run["evals"] else 0
 
 
 def ended(run: dict, end: int) -> bool:
     """Whether a run record needs no more training to reach `end` samples: it diverged, or it
     is done there or beyond (a run done short of `end` is extended)."""
-    done_at = run["evals"][-1]["samples"] if run["evals"] else 0
-    return run["status"] == "diverged" or (run["status"] == "done" and done_at >= end)
+    return run["status"] == "diverged" or (run["status"] == "done" and last_point(run) >= end)
 
 
 def environment(device: torch.device, threads: int) -> dict:
@@ -1490,28 +1435,113 @@ def lock_holder(path: str) -> str | None:
 
 @dataclass(frozen=True)
 class ResultsFolder:
-    """OUT_DIR's results: one file per run under runs/, the source of truth, and the combined
-    JSON and figure, outputs rebuilt from every run file in the folder.
+    """OUT_DIR and all a run leaves there: its run file under runs/ (the source of truth), its
+    checkpoint under checkpoints/ while it trains, its final model under models/ once it ends,
+    and the combined JSON and figure, outputs rebuilt from every run file in the folder.
 
-    A run's file is rewritten atomically after each evaluation by the process that trains it,
-    which holds the run's lock, so invocations (or machines) that share the folder neither
-    train a run twice at once nor drop each other's results.
+    A run's files are written atomically by the process that trains it, which holds the run's
+    lock, so invocations (or machines) that share the folder neither train a run twice at once
+    nor drop each other's results. Checkpoints and models carry the fingerprint of the
+    settings that made them, and are refused under others.
     """
 
     out_dir: str
     fingerprint: dict
-    header: dict  # the config and environment of this invocation, for the combined JSON
-    keys: tuple[RunKey, ...]  # this invocation's runs, in figure order
+    header: dict = field(default_factory=dict)  # this invocation's config and environment
+    keys: tuple[RunKey, ...] = ()  # this invocation's runs, in figure order
     end: int = 0  # this invocation's last evaluation point: runs done short of it are extended
+    show: Callable[[RunKey, dict], None] = print_nothing  # shows a run on the screen when kept
 
     @property
     def runs_dir(self) -> str:
         """Where the run files and their locks live."""
         return os.path.join(self.out_dir, RUNS_FOLDER)
 
+    @property
+    def checkpoints_dir(self) -> str:
+        """Where the checkpoints of unfinished runs live."""
+        return os.path.join(self.out_dir, CHECKPOINTS_FOLDER)
+
+    @property
+    def models_dir(self) -> str:
+        """Where the final models live."""
+        return os.path.join(self.out_dir, MODELS_FOLDER)
+
     def path(self, key: RunKey, ext: str = ".json") -> str:
         """The run file (or with ext=".lock", the lock file) of one run."""
         return os.path.join(self.runs_dir, f"{key.stem}{ext}")
+
+    def keep(self, run: Run) -> None:
+        """Keep a run as it stands, after each evaluation, at its end and between points: its
+        checkpoint (once it ended, its final model instead), then its run file, then its lines
+        on the screen."""
+        if run.status in ("running", "interrupted"):
+            self.save_state(run.key, run_state(run))  # before the run file: a kill loses nothing
+        elif run.status in FINISHED:
+            self.save_model(run)
+        if run.status == "diverged":
+            print(
+                f"warning: [{run.key.name}] diverged (non-finite loss or ELBO) at "
+                f"{run.samples:,} samples; this run stops here, its last good checkpoint is kept",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.save_run(run.record)
+        if run.status == "done":
+            self.remove_checkpoint(run.key)
+        self.show(run.key, run.record)
+
+    def state_path(self, key: RunKey, folder: str = "") -> str:
+        """The checkpoint of one run (or its file in another folder, such as models/)."""
+        return os.path.join(folder or self.checkpoints_dir, f"{key.stem}.pt")
+
+    def save_state(self, key: RunKey, state: dict, folder: str = "") -> None:
+        """Write a checkpoint (or, into the models folder, a final model) atomically."""
+        path = self.state_path(key, folder)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        payload = {"fingerprint": self.fingerprint} | state
+        write_atomic(path, lambda f: torch.save(payload, f))
+
+    def load_state(self, key: RunKey, folder: str = "") -> dict | None:
+        """The run's checkpoint (or its file in another folder), or None; CheckpointError if
+        unreadable or from other settings."""
+        path = self.state_path(key, folder)
+        if not os.path.exists(path):
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            fingerprint = state["fingerprint"]
+        except Exception as exc:  # noqa: BLE001 (truncated, foreign or corrupt: say which file)
+            raise unreadable(f"checkpoint {path} ({type(exc).__name__})") from None
+        check_settings(f"checkpoint {path}", fingerprint, self.fingerprint)
+        return state
+
+    def resume_state(self, key: RunKey) -> dict | None:
+        """Where an unfinished run goes on from: its checkpoint, else the whole state its final
+        model was saved with (a run done at fewer samples, extended), else None."""
+        return self.load_state(key) or self.load_state(key, self.models_dir)
+
+    def save_model(self, run: Run) -> None:
+        """Write a run's final model to models/ with the whole state the run ended in (a longer
+        run goes on from it); a diverged run's is the last good state from its checkpoint,
+        marked as diverged (none if it diverged before one)."""
+        diverged = run.status == "diverged"
+        if diverged:
+            if (state := self.load_state(run.key)) is None:
+                return
+            del state["fingerprint"]
+        else:
+            state = run_state(run)
+        hidden_size = run.vae.decoder[0].out_features  # the first decoder layer's width
+        about = {"hidden_size": hidden_size, "seed": run.record["seed"], "diverged": diverged}
+        self.save_state(run.key, state | run.key._asdict() | about, self.models_dir)
+
+    def remove_checkpoint(self, key: RunKey) -> None:
+        """Drop a finished run's checkpoint, and the checkpoint folder once it is empty."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.state_path(key))
+        with contextlib.suppress(OSError):  # not empty: other runs still have checkpoints
+            os.rmdir(self.checkpoints_dir)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -1596,14 +1626,15 @@ def results_header(cfg: Config, device: torch.device) -> dict:
 
 def open_results(
     cfg: Config, data: Data, device: torch.device
-) -> tuple[ResultsFolder, Checkpoints, dict[RunKey, dict], list[RunKey]]:
-    """The results folder and checkpoints of this configuration (old ones set aside with
-    --fresh), the run files already there, and the runs left to train; CheckpointError for an
-    unreadable or foreign run file or checkpoint, before any work."""
-    fp = fingerprint(cfg, data, device)
-    store = Checkpoints(cfg.out_dir, fp)
-    end = schedule_of(cfg)[-1]
-    header = results_header(cfg, device)
+) -> tuple[ResultsFolder, dict[RunKey, dict], list[RunKey]]:
+    """The results folder of this configuration (the old one's files set aside with --fresh),
+    the run files already there, and the runs left to train; CheckpointError for an unreadable
+    or foreign run file or checkpoint, before any work."""
+    fp, end, header = (
+        fingerprint(cfg, data, device),
+        schedule_of(cfg)[-1],
+        results_header(cfg, device),
+    )
     folder = ResultsFolder(cfg.out_dir, fp, header, tuple(runs_of(cfg)), end)
     if cfg.fresh:
         for name in (RESULTS_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER, SAMPLES_NAME):
@@ -1615,9 +1646,9 @@ def open_results(
         if ended(run, end):
             log(f"[{key.name}] already {run['status']}: skipped")
         else:
-            store.resume_state(key)  # refused now, before any work, if it cannot be used
+            folder.resume_state(key)  # refused now, before any work, if it cannot be used
             todo.append(key)
-    return folder, store, on_disk, todo
+    return folder, on_disk, todo
 
 
 def redraw(out_dir: str) -> bool:
@@ -1687,36 +1718,6 @@ def fmt_eval(name: str, e: dict) -> str:
     )
 
 
-@dataclass
-class Keeper:
-    """What keeping a run means after each evaluation and at its end: its checkpoint (once it
-    ended, its final model instead), then its run file, then its lines on the screen."""
-
-    cfg: Config
-    store: Checkpoints | None
-    folder: ResultsFolder | None
-    show: Callable[[RunKey, dict], None]
-
-    def __call__(self, run: Run) -> None:
-        """Keep the run as it stands."""
-        if self.store and run.status in ("running", "interrupted"):
-            self.store.save(run.key, run_state(run))  # before the run file: a kill loses nothing
-        elif self.store and run.status in FINISHED:
-            self.store.save_model(run, self.cfg)
-        if run.status == "diverged":
-            print(
-                f"warning: [{run.key.name}] diverged (non-finite loss or ELBO) at "
-                f"{run.samples:,} samples; this run stops here, its last good checkpoint is kept",
-                file=sys.stderr,
-                flush=True,
-            )
-        if self.folder:
-            self.folder.save_run(run.record)
-        if self.store and run.status == "done":
-            self.store.remove(run.key)
-        self.show(run.key, run.record)
-
-
 def fail(run: dict, error: str, trace: str = "") -> None:
     """Mark a run as failed, keeping what it measured, and say so."""
     run["status"], run["error"] = "failed", error
@@ -1728,20 +1729,12 @@ def fail(run: dict, error: str, trace: str = "") -> None:
 
 # -------------------------------------------------------------------------------- training here
 def train_in_this_process(
-    keys: list[RunKey],
-    cfg: Config,
-    data: Data,
-    device: torch.device,
-    folder: ResultsFolder,
-    store: Checkpoints,
-    show: Callable[[RunKey, dict], None],
-    estimate: bool = False,
-) -> tuple[dict[RunKey, str], float]:
-    """Train the runs in `keys` that no other process holds, all in flight in this process
-    (CUDA graphs on a GPU, eager steps on the CPU), from their checkpoints where they have
-    them, saying first how long it will take if `estimate`; returns the runs left to other
-    processes (with who holds them) and the estimate in seconds."""
-    started, left, locks, runs, seconds = time.perf_counter(), {}, [], [], 0.0
+    keys: list[RunKey], cfg: Config, data: Data, folder: ResultsFolder
+) -> dict:
+    """Train the runs in `keys` that no other process holds, all in flight in this process,
+    from their checkpoints where they have them; returns the runs left to other processes,
+    with who holds them."""
+    left, locks, runs = {}, [], []
     try:
         for key in keys:
             lock, holder = folder.claim(key)
@@ -1751,22 +1744,14 @@ def train_in_this_process(
                 continue
             locks.append(lock)
             try:
-                runs.append(start_run(key, cfg, data, device, store.resume_state(key)))
+                runs.append(start_run(key, cfg, data, folder.resume_state(key)))
             except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
                 record = folder.read().get(key) or pending_record(key)
                 fail(record, one_line(exc), traceback.format_exc())
                 folder.save_run(record)
             stop_if_requested()
-        engine = graphs_for(cfg, device)
-        if engine:
-            engine.capture_all(runs)  # a failure stops here, before any run's files change
-        advance = engine.advance if engine else advance_eagerly
-        if estimate:
-            seconds = estimate_in_flight(runs, cfg, data, advance)
-            seconds += time.perf_counter() - started  # and the time spent so far, that too
-            say_estimate(cfg, len(runs), len(runs), seconds)
         try:
-            finished = train(runs, cfg, data, advance, Keeper(cfg, store, folder, show))
+            finished = train(runs, cfg, data, folder.keep)
         except (DiskFullError, CaptureError):
             raise  # not the runs' fault: the invocation stops, the last checkpoints kept
         except Exception as exc:  # noqa: BLE001 (the runs' files say what broke)
@@ -1780,16 +1765,11 @@ def train_in_this_process(
     finally:
         for lock in locks:
             lock.release()
-    return left, seconds
+    return left
 
 
 def worker(
-    cfg: Config,
-    key: RunKey,
-    folder: ResultsFolder,
-    store: Checkpoints,
-    messages: multiprocessing.Queue,
-    threads: int,
+    cfg: Config, key: RunKey, folder: ResultsFolder, messages: multiprocessing.Queue, threads: int
 ) -> None:
     """One run in its own process: it writes its run file, and tells the main process each
     keeping of the run, or that another process holds it."""
@@ -1803,7 +1783,7 @@ def worker(
         def send(key: RunKey, run: dict) -> None:
             messages.put(("run", key, copy.deepcopy(run)))
 
-        left, _ = train_in_this_process([key], cfg, data, device, folder, store, send)
+        left = train_in_this_process([key], cfg, data, dataclasses.replace(folder, show=send))
         for held, holder in left.items():
             messages.put(("held", held, holder))
     except Interrupted:
@@ -1826,10 +1806,8 @@ class Workers:
     get the same signal, so each saves and stops.
     """
 
-    def __init__(
-        self, cfg: Config, folder: ResultsFolder, store: Checkpoints, progress: Progress
-    ) -> None:
-        self.cfg, self.folder, self.store, self.progress = cfg, folder, store, progress
+    def __init__(self, cfg: Config, folder: ResultsFolder, progress: Progress) -> None:
+        self.cfg, self.folder, self.progress = cfg, folder, progress
         self.ctx = multiprocessing.get_context("spawn")
         self.messages = self.ctx.Queue()
         self.left: dict[RunKey, str] = {}
@@ -1847,7 +1825,7 @@ class Workers:
             while waiting and len(running) < self.cfg.jobs:
                 threads = threads_for(self.cfg, min(self.cfg.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
-                args = (self.cfg, key, self.folder, self.store, self.messages, threads)
+                args = (self.cfg, key, self.folder, self.messages, threads)
                 running[key] = self.ctx.Process(target=worker, args=args, name=key.stem)
                 running[key].start()
             self.receive(timeout=0.2)
@@ -1943,53 +1921,45 @@ def seconds_left(cfg: Config, data: Data, done: int, step_s: float, eval_s: floa
     return (points[-1] - done) / cfg.batch_size * step_s + len(points) * eval_s + closing
 
 
-def estimate_in_flight(runs: list[Run], cfg: Config, data: Data, advance: Advance) -> float:
-    """Seconds to train `runs` to the end, all in flight together: the engine timed on the
-    runs themselves, one evaluation timed, the rest counted."""
-    if not runs:
-        return 0.0
-    step_s = seconds_per_step(runs, advance)
-    eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
-    steps = max((schedule_of(cfg)[-1] - run.samples) // cfg.batch_size for run in runs)
-    evaluations = sum(seconds_left(cfg, data, run.samples, 0.0, eval_s) for run in runs)
-    return steps * step_s + evaluations  # the steps of all runs together, evaluations one by one
-
-
-def estimate_workers(
-    cfg: Config, data: Data, device: torch.device, todo: list[RunKey], on_disk: dict
-) -> float:
-    """Seconds to train `todo` in worker processes: each kind of run timed for a few steps at
-    the threads it will get, one evaluation timed per thread count, the queue of --jobs slots
-    replayed."""
+def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_time: int) -> float:
+    """Seconds to train `todo` here, `at_a_time` runs side by side: fresh runs of each kind
+    timed for a few steps (on the CPU with the threads each will get, on a GPU all together as
+    they will train), one evaluation timed per thread count, the rest counted, and on the CPU
+    the queue of runs replayed."""
+    timing, threads_now = {"seed": 0, "lr": cfg.timing_lr}, torch.get_num_threads()
+    done = {key: last_point(on_disk.get(key)) for key in todo}
+    pilots = len(LR_CANDIDATES) * cfg.lr_pilot_samples / cfg.batch_size * (cfg.lr == "auto")
+    if data.train.device.type == "cuda":
+        runs = [new_run(key, timing, cfg, data) for key in todo]
+        if not runs:
+            return 0.0
+        step_s = seconds_per_step(runs, advance_on(runs, cfg))
+        eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
+        steps = max((schedule_of(cfg)[-1] - done[key]) // cfg.batch_size for key in todo)
+        evaluations = sum(seconds_left(cfg, data, done[key], 0.0, eval_s) for key in todo)
+        return (steps + pilots * sum(not done[key] for key in todo)) * step_s + evaluations
     step_s: dict[tuple[str, int, int], float] = {}
     eval_s: dict[int, float] = {}
-    threads_now = torch.get_num_threads()
 
     def duration(key: RunKey, threads: int) -> float:
         kind = (key.method, key.latent_dim, threads)  # seeds of one setting cost the same
         torch.set_num_threads(threads)
         if kind not in step_s:
-            record = {"seed": 0, "lr": cfg.timing_lr}
-            run = new_run(key, record, cfg, data, device)
+            run = new_run(key, timing, cfg, data)
             step_s[kind] = seconds_per_step([run], advance_eagerly)
             eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
-        evals = on_disk.get(key, pending_record(key))["evals"]
-        done = evals[-1]["samples"] if evals else 0
-        seconds = seconds_left(cfg, data, done, step_s[kind], eval_s[threads])
-        if not seconds:  # evaluated to the end; another process is finishing it
-            return 0.0
-        if cfg.lr == "auto" and not evals:  # the pilots, each scored on the training set
-            pilot = cfg.lr_pilot_samples / cfg.batch_size * step_s[kind] + eval_s[threads]
-            seconds += len(LR_CANDIDATES) * pilot
-        return seconds
+        seconds = seconds_left(cfg, data, done[key], step_s[kind], eval_s[threads])
+        if seconds and not done[key]:  # a new run's pilots, each scored on the training set
+            seconds += pilots * step_s[kind] + eval_s[threads] * bool(pilots)
+        return seconds  # 0 for a run evaluated to its end: another process is finishing it
 
     now, ends = 0.0, []  # the end times of the runs in flight
     try:
         for i, key in enumerate(todo):
-            if len(ends) == cfg.jobs:
+            if len(ends) == at_a_time:
                 now = min(ends)
             ends = [e for e in ends if e > now]
-            threads = threads_for(cfg, min(cfg.jobs, len(ends) + len(todo) - i))
+            threads = threads_for(cfg, min(at_a_time, len(ends) + len(todo) - i))
             ends.append(now + duration(key, threads))
     finally:
         torch.set_num_threads(threads_now)
@@ -2093,26 +2063,23 @@ def plot_only(cfg: Config) -> int:
 
 
 def train_runs(
-    cfg: Config,
-    data: Data,
-    device: torch.device,
-    folder: ResultsFolder,
-    store: Checkpoints,
-    todo: list[RunKey],
-    on_disk: dict[RunKey, dict],
+    cfg: Config, data: Data, folder: ResultsFolder, todo: list[RunKey], on_disk: dict
 ) -> tuple[dict[RunKey, str], float]:
-    """Train the runs of `todo`: in worker processes on a CPU with --jobs above 1, else all in
-    flight in this process; the runs left to other processes, and the time estimate."""
+    """Say how long it will take, then train the runs of `todo`: in worker processes on a CPU
+    with --jobs above 1, else all in flight in this process; the runs left to other
+    processes, and the time estimate."""
+    at_a_time = min(cfg.jobs, len(todo)) if in_workers(cfg, data.train.device, todo) else 1
+    if at_a_time == 1:
+        torch.set_num_threads(cfg.threads or cpu_count())
+    seconds = estimate(cfg, data, todo, on_disk, at_a_time)
+    on_cpu = data.train.device.type == "cpu"
+    say_estimate(cfg, len(todo), at_a_time if on_cpu else len(todo), seconds)
     progress = Progress(schedule_of(cfg)[-1])
     try:
-        if in_workers(cfg, device, todo):
-            estimate = estimate_workers(cfg, data, device, todo, on_disk)
-            say_estimate(cfg, len(todo), min(cfg.jobs, len(todo)), estimate)
-            return Workers(cfg, folder, store, progress).train(todo), estimate
-        torch.set_num_threads(cfg.threads or cpu_count())
-        return train_in_this_process(
-            todo, cfg, data, device, folder, store, progress.show, estimate=True
-        )
+        if at_a_time > 1:
+            return Workers(cfg, folder, progress).train(todo), seconds
+        here = dataclasses.replace(folder, show=progress.show)
+        return train_in_this_process(todo, cfg, data, here), seconds
     finally:
         progress.close()
 
@@ -2146,13 +2113,13 @@ def main(argv: list[str] | None = None) -> int:
 def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
     """Train the runs left in --out-dir, then print the table and where the files are; the
     exit status (0 all done, 3 some run not done, 128 + signal when stopped)."""
-    folder, store, on_disk, todo = open_results(cfg, data, device)
+    folder, on_disk, todo = open_results(cfg, data, device)
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
     log(f"training on {device}; results: {json_path}")
     started, code, left, estimate = time.perf_counter(), 0, {}, 0.0
     with stop_requests():
         try:
-            left, estimate = train_runs(cfg, data, device, folder, store, todo, on_disk)
+            left, estimate = train_runs(cfg, data, folder, todo, on_disk)
         except Interrupted as exc:
             code = exc.code
         results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
@@ -2169,7 +2136,7 @@ def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
         print(f"left to another process: [{key.name}], held by {holder}")
     if code >= 128:
         print(
-            f"stopped by signal {code - 128}: checkpoints are in {store.checkpoints_dir}; "
+            f"stopped by signal {code - 128}: checkpoints are in {folder.checkpoints_dir}; "
             "run the same command again to continue",
             file=sys.stderr,
         )

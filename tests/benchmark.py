@@ -41,17 +41,17 @@ def benchmark(
     an evaluation, the machine's matrix product and the peak memory; JSON too if asked."""
     data, source = benchmark_data(cfg, device)
     threads = torch.get_num_threads()
-    engine = rf.graphs_for(cfg, device)
-    step = f"CUDA graphs of {cfg.graph_steps} steps" if engine else "eager steps"
-    rf.log(f"benchmark: batch {cfg.batch_size}, {source}, {device}, {threads} threads, {step}")
 
     def timing_run(key: rf.RunKey) -> rf.Run:
         record = {"seed": rf.setting_seed(cfg.seed, *key), "lr": cfg.timing_lr}
-        return rf.new_run(key, record, cfg, data, device)
+        return rf.new_run(key, record, cfg, data)
 
-    advance = engine.advance if engine else rf.advance_eagerly
     one = [timing_run(rf.RunKey("aevb", 20))]
     every = [timing_run(key) for key in rf.runs_of(replace(cfg, seeds=1))]
+    advance = rf.advance_on([*one, *every], cfg)  # CUDA graphs captured here, on a GPU
+    graphed = advance is not rf.advance_eagerly
+    step = f"CUDA graphs of {cfg.graph_steps} steps" if graphed else "eager steps"
+    rf.log(f"benchmark: batch {cfg.batch_size}, {source}, {device}, {threads} threads, {step}")
     plain = plain_step(cfg, device, data.train)
     n = steps
     rates = steps_per_second(

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -88,17 +89,16 @@ def train_n_z3(
     cfg: rf.Config,
     data: rf.Data,
     method: str = "aevb",
-    device: torch.device | None = None,
-    store: rf.Checkpoints | None = None,
+    folder: rf.ResultsFolder | None = None,
     on_keep: Callable[[rf.RunKey, dict], None] = lambda key, run: None,
 ) -> dict:
-    """The N_z = 3 run of `method` trained by the loop alone (on the CPU unless `device` says
-    otherwise), from its checkpoint in `store` if there is one; its record. Raises Interrupted
-    if a stop request cut it short."""
-    device, key = device or torch.device("cpu"), rf.RunKey(method, 3)
-    run = rf.start_run(key, cfg, data, device, store.load(key) if store else None)
-    keep = rf.Keeper(cfg, store, None, on_keep)
-    if not rf.train([run], cfg, data, rf.advance_eagerly, keep):
+    """The N_z = 3 run of `method` trained by the loop alone, on the data's device, from its
+    checkpoint in `folder` if there is one (kept there, else nowhere); its record. Raises
+    Interrupted if a stop request cut it short."""
+    key = rf.RunKey(method, 3)
+    run = rf.start_run(key, cfg, data, folder.resume_state(key) if folder else None)
+    keep = dataclasses.replace(folder, show=on_keep).keep if folder else lambda run: None
+    if not rf.train([run], cfg, data, keep):
         raise rf.Interrupted(130)
     return run.record
 

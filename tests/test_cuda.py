@@ -51,7 +51,7 @@ def test_cuda_evaluator_equals_the_hand_computation(synthetic_data: rf.Data) -> 
 
 def cuda_runs(cfg: rf.Config, data: rf.Data, keys: list[rf.RunKey]) -> list[rf.Run]:
     """Fresh runs of `keys` on the GPU."""
-    return [rf.start_run(key, cfg, data, CUDA, None) for key in keys]
+    return [rf.start_run(key, cfg, data, None) for key in keys]
 
 
 def evals_of(run: rf.Run) -> list[dict]:
@@ -65,7 +65,7 @@ def test_cuda_graphs_train_and_raise_the_elbo(synthetic_data: rf.Data, method: s
     (run,) = cuda_runs(cfg, data, [rf.RunKey(method, 3)])
     start = rf.evaluate_elbo(run.vae, data.train_eval)["elbo"]
     engine = rf.CudaGraphs(steps=7)
-    assert rf.train([run], cfg, data, engine.advance, lambda run: None)
+    assert rf.train([run], cfg, data, lambda run: None, engine.advance)
     assert set(engine.graphs[id(run)].graphs) == {7, 1}  # the long graph and the one-step
     assert run.status == "done" and run.record["evals"][-1]["train_elbo"] > start + 100
 
@@ -88,8 +88,8 @@ def test_cuda_graphs_give_the_eager_steps_numbers(synthetic_data: rf.Data) -> No
     cfg = tiny_config(methods=rf.METHODS, device="cuda", samples=2500)  # crosses epochs
     keys = [rf.RunKey("aevb", 3), rf.RunKey("wake-sleep", 3)]
     graphed, eager = cuda_runs(cfg, data, keys), cuda_runs(cfg, data, keys)
-    rf.train(graphed, cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
-    rf.train(eager, cfg, data, rf.advance_eagerly, lambda run: None)
+    rf.train(graphed, cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
+    rf.train(eager, cfg, data, lambda run: None, rf.advance_eagerly)
     for g, e in zip(graphed, eager, strict=True):
         same_evals(evals_of(g), evals_of(e))
         assert step_counters(g) == step_counters(e) == [50.0] * len(step_counters(e))
@@ -99,10 +99,10 @@ def test_cuda_a_run_beside_nine_others_gives_its_numbers_alone(synthetic_data: r
     data = on_cuda(synthetic_data)
     cfg = tiny_config(methods=rf.METHODS, latent_dims=(2, 3, 5, 8, 20), device="cuda")
     together = cuda_runs(cfg, data, rf.runs_of(cfg))
-    rf.train(together, cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
+    rf.train(together, cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
     for run in together:
         (alone,) = cuda_runs(cfg, data, [run.key])
-        rf.train([alone], cfg, data, rf.CudaGraphs(steps=7).advance, lambda run: None)
+        rf.train([alone], cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
         assert evals_of(alone) == evals_of(run), run.key.name
 
 

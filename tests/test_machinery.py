@@ -176,10 +176,10 @@ SAVE_THEN_HANG = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
 import reproduce_fig2 as rf
-store = rf.Checkpoints({folder!r}, {{"x": 1}})
+store = rf.ResultsFolder({folder!r}, {{"x": 1}})
 key, json_path = rf.RunKey("aevb", 3), {json!r}
 rf.write_json_atomic({{"version": 1}}, json_path)
-store.save(key, {{"version": 1, "model": torch.zeros(3)}})
+store.save_state(key, {{"version": 1, "model": torch.zeros(3)}})
 
 
 def hang(fd):  # the new file is written but not yet in place: the kill comes now
@@ -197,7 +197,7 @@ os.fsync = hang
     "save",
     [
         "rf.write_json_atomic({'version': 2, 'data': list(range(20000))}, json_path)",
-        "store.save(key, {'version': 2, 'model': torch.randn(300, 300)})",
+        "store.save_state(key, {'version': 2, 'model': torch.randn(300, 300)})",
     ],
 )
 def test_a_kill_during_a_save_leaves_the_previous_file_whole(tmp_path: Path, save: str) -> None:
@@ -211,7 +211,9 @@ def test_a_kill_during_a_save_leaves_the_previous_file_whole(tmp_path: Path, sav
         proc.kill()
         proc.wait(timeout=30)
     assert json.loads((tmp_path / "r.json").read_text()) == {"version": 1}
-    assert rf.Checkpoints(str(tmp_path), {"x": 1}).load(rf.RunKey("aevb", 3))["version"] == 1
+    assert (
+        rf.ResultsFolder(str(tmp_path), {"x": 1}).load_state(rf.RunKey("aevb", 3))["version"] == 1
+    )
 
 
 def test_results_are_written_with_the_usual_file_permissions(tmp_path: Path) -> None:
@@ -227,22 +229,22 @@ def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
     synthetic_data: rf.Data, tmp_path: Path
 ) -> None:
     cfg = tiny_config()
-    store = rf.Checkpoints(str(tmp_path), {"test": True})
+    folder = rf.ResultsFolder(str(tmp_path), {"test": True})
     with pytest.raises(rf.Interrupted):
         try:
             train_n_z3(
                 cfg,
                 synthetic_data,
                 on_keep=lambda key, run: rf.request_stop(signal.SIGINT, None),
-                store=store,
+                folder=folder,
             )
         finally:
             rf.STOP_REQUEST.clear()
-    ckpt = store.load(rf.RunKey("aevb", 3))
+    ckpt = folder.load_state(rf.RunKey("aevb", 3))
     assert ckpt is not None and ckpt["wall_seconds"] >= ckpt["run"]["evals"][-1]["wall_seconds"]
     ckpt["wall_seconds"] = 1000.0  # as if it had trained for a long time after its last evaluation
-    store.save(rf.RunKey("aevb", 3), {k: v for k, v in ckpt.items() if k != "fingerprint"})
-    run = train_n_z3(cfg, synthetic_data, store=store)
+    folder.save_state(rf.RunKey("aevb", 3), {k: v for k, v in ckpt.items() if k != "fingerprint"})
+    run = train_n_z3(cfg, synthetic_data, folder=folder)
     assert (
         run["status"] == "done"
         and run["evals"][0]["wall_seconds"] < 1000 < run["evals"][-1]["wall_seconds"]
@@ -343,29 +345,9 @@ def test_the_time_estimate_is_printed_before_training_and_the_wall_time_after(
 ) -> None:
     assert rf.main(tiny_args(mnist_dir, tmp_path / "out")) == 0
     out = capsys.readouterr().out
-    assert re.search(r"estimate: 4 runs x 1,200 samples, 4 at a time: about \d+ s here", out)
+    assert re.search(r"estimate: 4 runs x 1,200 samples, 1 at a time: about \d+ s here", out)
     assert out.index("estimate:") < out.index("[aevb N_z=2] samples")
     assert re.search(r"wall time: \d+ s \(estimated \d+ s\)", out)
-
-
-def test_timing_the_runs_for_the_estimate_leaves_their_numbers_alone(
-    synthetic_data: rf.Data,
-) -> None:
-    cfg = tiny_config(methods=("aevb", "wake-sleep"))
-    cpu = torch.device("cpu")
-    keys = [rf.RunKey("aevb", 3), rf.RunKey("wake-sleep", 3)]
-    timed = [rf.start_run(key, cfg, synthetic_data, cpu, None) for key in keys]
-    assert rf.estimate_in_flight(timed, cfg, synthetic_data, rf.advance_eagerly) > 0
-    assert [run.samples for run in timed] == [0, 0]  # put back where they stood
-    untimed = [rf.start_run(key, cfg, synthetic_data, cpu, None) for key in keys]
-    for runs in (timed, untimed):
-        rf.train(runs, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
-    assert [without_wall_all(r) for r in timed] == [without_wall_all(r) for r in untimed]
-
-
-def without_wall_all(run: rf.Run) -> list[dict]:
-    """A run's evaluations without their wall-clock times."""
-    return [without_wall(e) for e in run.record["evals"]]
 
 
 def test_the_estimate_counts_what_is_left(
@@ -377,14 +359,13 @@ def test_the_estimate_counts_what_is_left(
     cfg = rf.parse_config(tiny_args(mnist_dir, tmp_path / "out", "--jobs", "2"))
     data = rf.load_data(str(mnist_dir), torch.device("cpu"), False, 0, verify=False)
     keys = [rf.RunKey("aevb", 2), rf.RunKey("aevb", 3)]
-    cpu = torch.device("cpu")
-    fresh = rf.estimate_workers(cfg, data, cpu, keys, {})
+    fresh = rf.estimate(cfg, data, keys, {}, 2)
     half = {key: {"evals": [{"samples": 300}]} for key in keys}  # before the first point, 450
     # the two runs side by side, each 300 samples further: 6 steps fewer, the same evaluations
     saved = 300 // cfg.batch_size * step_s
-    assert rf.estimate_workers(cfg, data, cpu, keys, half) == pytest.approx(fresh - saved)
+    assert rf.estimate(cfg, data, keys, half, 2) == pytest.approx(fresh - saved)
     finishing = {key: {"evals": [{"samples": cfg.samples}]} for key in keys}
-    assert rf.estimate_workers(cfg, data, cpu, keys, finishing) == 0.0  # others finish them
+    assert rf.estimate(cfg, data, keys, finishing, 2) == 0.0  # others finish them
 
 
 @pytest.mark.parametrize(
@@ -517,8 +498,8 @@ def test_a_diverged_run_keeps_its_last_good_model_marked_as_such(
         return loss
 
     monkeypatch.setitem(rf.STEPS, "aevb", poisoned_later)
-    store = rf.Checkpoints(str(tmp_path), {"test": True})
-    run = train_n_z3(tiny_config(), synthetic_data, store=store)
+    folder = rf.ResultsFolder(str(tmp_path), {"test": True})
+    run = train_n_z3(tiny_config(), synthetic_data, folder=folder)
     assert run["status"] == "diverged" and run["diverged_at"] == 3000
     saved = torch.load(tmp_path / "models" / "aevb_nz3.pt")
     assert saved["diverged"] is True and saved["samples"] == 1000

@@ -8,6 +8,7 @@ import itertools
 import math
 import signal
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_training_raises_the_elbo_for_both_methods(synthetic_data: rf.Data) -> N
     for method in rf.METHODS:
         cfg = tiny_config(methods=(method,))
         record = {"seed": rf.setting_seed(cfg.seed, method, 3), "lr": 0.02}
-        fresh = rf.new_run(rf.RunKey(method, 3), record, cfg, synthetic_data, torch.device("cpu"))
+        fresh = rf.new_run(rf.RunKey(method, 3), record, cfg, synthetic_data)
         start = rf.evaluate_elbo(fresh.vae, synthetic_data.train_eval)["elbo"]
         run = train_n_z3(cfg, synthetic_data, method)
         assert run["status"] == "done" and [e["samples"] for e in run["evals"]] == [1000, 3000]
@@ -212,11 +213,12 @@ def records(runs: list[rf.Run]) -> list[tuple[rf.RunKey, str, list[dict]]]:
     return [(r.key, r.status, [without_wall(e) for e in r.record["evals"]]) for r in runs]
 
 
-def start_all(cfg: rf.Config, data: rf.Data, store: rf.Checkpoints | None = None) -> list[rf.Run]:
-    """Every run of `cfg`, from its checkpoint in `store` where there is one."""
-    cpu = torch.device("cpu")
+def start_all(
+    cfg: rf.Config, data: rf.Data, folder: rf.ResultsFolder | None = None
+) -> list[rf.Run]:
+    """Every run of `cfg`, from its checkpoint in `folder` where there is one."""
     return [
-        rf.start_run(key, cfg, data, cpu, store.load(key) if store else None)
+        rf.start_run(key, cfg, data, folder.resume_state(key) if folder else None)
         for key in rf.runs_of(cfg)
     ]
 
@@ -224,10 +226,10 @@ def start_all(cfg: rf.Config, data: rf.Data, store: rf.Checkpoints | None = None
 def test_runs_in_lockstep_give_the_numbers_of_each_run_alone(synthetic_data: rf.Data) -> None:
     cfg = lockstep_config()
     together = start_all(cfg, synthetic_data)
-    assert rf.train(together, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+    assert rf.train(together, cfg, synthetic_data, lambda run: None)
     alone = start_all(cfg, synthetic_data)
     for run in alone:
-        assert rf.train([run], cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+        assert rf.train([run], cfg, synthetic_data, lambda run: None)
     assert records(together) == records(alone)
     assert all(r.status == "done" and len(r.record["evals"]) == 3 for r in together)
     assert len({str(r.record["evals"]) for r in together}) == 8  # eight different runs
@@ -238,8 +240,8 @@ def test_a_stop_in_lockstep_then_resume_gives_the_uninterrupted_numbers(
 ) -> None:
     cfg = lockstep_config()
     reference = start_all(cfg, synthetic_data)
-    rf.train(reference, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
-    store = rf.Checkpoints(str(tmp_path), {"test": True})
+    rf.train(reference, cfg, synthetic_data, lambda run: None)
+    folder = rf.ResultsFolder(str(tmp_path), {"test": True})
     kept: list[rf.RunKey] = []
 
     def stop_midway(key: rf.RunKey, run: dict) -> None:
@@ -249,15 +251,13 @@ def test_a_stop_in_lockstep_then_resume_gives_the_uninterrupted_numbers(
 
     first = start_all(cfg, synthetic_data)
     try:
-        stopped = rf.train(
-            first, cfg, synthetic_data, rf.advance_eagerly, rf.Keeper(cfg, store, None, stop_midway)
-        )
+        stopped = rf.train(first, cfg, synthetic_data, replace(folder, show=stop_midway).keep)
     finally:
         rf.STOP_REQUEST.clear()
     assert not stopped and {r.status for r in first} == {"interrupted"}
-    resumed = start_all(cfg, synthetic_data, store)
+    resumed = start_all(cfg, synthetic_data, folder)
     assert {r.samples for r in resumed} == {1800}  # each from its checkpoint
-    rf.train(resumed, cfg, synthetic_data, rf.advance_eagerly, rf.Keeper(cfg, store, None, print))
+    rf.train(resumed, cfg, synthetic_data, folder.keep)
     assert records(resumed) == records(reference)
     assert not list(tmp_path.glob("checkpoints/*.pt"))  # finished runs drop their checkpoints
     assert len(list(tmp_path.glob("models/*.pt"))) == 8
@@ -361,8 +361,8 @@ def test_the_cuda_engine_gives_the_eager_numbers_over_stand_in_graphs(
     cfg = tiny_config(methods=rf.METHODS, samples=2500)  # crosses epochs
     graphed, eager = start_all(cfg, synthetic_data), start_all(cfg, synthetic_data)
     engine = StandInEngine(steps=7)
-    assert rf.train(graphed, cfg, synthetic_data, engine.advance, lambda run: None)
-    assert rf.train(eager, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+    assert rf.train(graphed, cfg, synthetic_data, lambda run: None, engine.advance)
+    assert rf.train(eager, cfg, synthetic_data, lambda run: None)
     assert all(engine.graphs[id(run)] is not None for run in graphed)
     assert records(graphed) == records(eager)
     # a run's replays come after what the host queued before them (a restored state, an
@@ -399,8 +399,8 @@ def test_replays_advance_adagrads_step_counters(
 ) -> None:
     cfg = tiny_config(methods=rf.METHODS, samples=2500)
     graphed, eager = start_all(cfg, synthetic_data), start_all(cfg, synthetic_data)
-    assert rf.train(graphed, cfg, synthetic_data, StandInEngine(steps=7).advance, lambda r: None)
-    assert rf.train(eager, cfg, synthetic_data, rf.advance_eagerly, lambda run: None)
+    assert rf.train(graphed, cfg, synthetic_data, lambda r: None, StandInEngine(steps=7).advance)
+    assert rf.train(eager, cfg, synthetic_data, lambda run: None)
     for g, e in zip(graphed, eager, strict=True):
         steps = [
             [float(s["step"]) for s in rf.run_state(r)["optimizers"][0]["state"].values()]
