@@ -77,10 +77,11 @@ OUT_DIR: str = "."  # folder for the PNG and the JSON results
 SEED: int = 1926  # master seed; each (method, N_z) run derives its own from it
 SEEDS: int = 1  # seeds per (method, N_z); the figure draws their median and range
 IW_SAMPLES: int = 100  # K, importance samples per test image of the final log p(x) estimate
-IW_DECODES_PER_PASS: int = 50_000  # decoder passes per batch of the log p(x) estimate (memory)
+IW_DECODES_PER_PASS: int = 50_000  # z draws per batch of the log p(x) estimate (its noise)
+IW_DECODES_AT_ONCE: int = 5_000  # of which decoded at once (memory; the same numbers)
 DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
 THREADS: int = 0  # CPU threads per run; 0 shares the cores among the runs in flight
-JOBS: int = 2  # CPU: runs trained side by side in worker processes (2 x 1 thread on 2 cores)
+JOBS: int = 0  # CPU: runs side by side in worker processes; 0: a worker per core (memory allowing)
 CHECKPOINT_EVERY: float = 600.0  # seconds of training between checkpoints, besides one per point
 GRAPH_STEPS: int = 50  # CUDA: training steps per CUDA graph, replayed as one launch; 0: no graphs
 ESTIMATE_STEPS: int = 20  # timed steps per run for the time estimate (CUDA: 4 graph launches)
@@ -93,6 +94,7 @@ CHECKPOINTS_FOLDER = "checkpoints"  # under OUT_DIR: the state of every unfinish
 MODELS_FOLDER = "models"  # under OUT_DIR: the final model of every finished run
 SAMPLES_NAME = "vae_mnist_samples.png"  # samples and reconstructions of the final models
 SHOW_DIGITS = 10  # digits per row of the samples picture
+WORKER_MEMORY = 800 * 2**20  # bytes a CPU worker takes at its peak (0.7 GiB measured, see README)
 PAPER_YLIM = (-150.0, -95.0)  # the paper's vertical range; lines that leave it are clipped
 PAPER_XLIM = (1e5, 1e8)  # the paper's horizontal range (training samples, log scale)
 METHOD_STYLE = {"aevb": ("AEVB", "tab:red"), "wake-sleep": ("WS", "tab:blue")}  # legend, colour
@@ -173,7 +175,12 @@ class Config:
     threads: int = flag(
         THREADS, "CPU threads per run (0: the cores shared among the runs in flight)", type=int
     )
-    jobs: int = flag(JOBS, "CPU: runs trained side by side in worker processes", type=positive(int))
+    jobs: int = flag(
+        JOBS,
+        "CPU: runs trained side by side in worker processes (0: one per usable core, up to the "
+        "runs and to what the available memory holds)",
+        type=int,
+    )
     graph_steps: int = flag(
         GRAPH_STEPS,
         "CUDA: training steps per CUDA graph (0: no graphs, eager steps; the same numbers)",
@@ -192,6 +199,17 @@ class Config:
     )
     fresh: bool = flag(
         False, "start over: keep the earlier results and checkpoints aside", action="store_true"
+    )
+    list_runs: bool = flag(
+        False,
+        "print the runs of this configuration with their indices, no training",
+        action="store_true",
+    )
+    run_index: int | None = flag(
+        None,
+        "train only the run of this index in --list-runs (one task of a job array, such as "
+        "Slurm's $SLURM_ARRAY_TASK_ID); every task writes the same --out-dir",
+        type=int,
     )
 
     @property
@@ -224,7 +242,8 @@ class DataError(RuntimeError):
 
 @dataclass
 class Data:
-    """The three image sets a run needs, each one float32 tensor [N, 1, 28, 28] on the device."""
+    """The three image sets a run needs, each one uint8 tensor [N, 1, 28, 28] on the device,
+    kept as bytes (a quarter of float32's memory) and made intensities by pixels() as used."""
 
     train: torch.Tensor  # what training draws minibatches from (grey levels)
     train_eval: torch.Tensor  # the training set as scored by the evaluator
@@ -246,15 +265,17 @@ def load_data(
     digest = files_digest(data_dir)
     if binarize:
         fixed = torch.Generator().manual_seed(seed)  # the same binary evaluation sets every time
-        train_eval = torch.bernoulli(train, generator=fixed)
-        test_eval = torch.bernoulli(test, generator=fixed)
+        train_eval, test_eval = (
+            torch.bernoulli(pixels(images), generator=fixed).mul_(255).to(torch.uint8)
+            for images in (train, test)
+        )
         return Data(train.to(device), train_eval.to(device), test_eval.to(device), digest)
     train = train.to(device)
     return Data(train, train, test.to(device), digest)
 
 
 def load_split(data_dir: str, split: str, verify: bool = True) -> torch.Tensor:
-    """One MNIST split as a CPU float32 tensor [N, 1, 28, 28] in [0, 1]."""
+    """One MNIST split's images as a CPU uint8 tensor [N, 1, 28, 28]."""
     folder = raw_folder(data_dir)
     for name in MNIST_FILES[split]:
         check_idx_file(os.path.join(folder, name))
@@ -270,7 +291,12 @@ def load_split(data_dir: str, split: str, verify: bool = True) -> torch.Tensor:
             f"{folder}: the {split} split does not match the standard MNIST checksums; "
             "replace the files with the originals, or pass --no-verify-data for other data"
         )
-    return images.unsqueeze(1).to(torch.float32).div_(255)
+    return images.unsqueeze(1)
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images as float32 intensities in [0, 1]: bytes divided by 255 (float images as they are)."""
+    return images if images.is_floating_point() else images.to(torch.float32).div_(255)
 
 
 def raw_folder(data_dir: str) -> str:
@@ -370,7 +396,7 @@ class Batches:
 
     def take(self) -> torch.Tensor:
         """The next minibatch of this epoch, [batch_size, 1, 28, 28]."""
-        x = self.images[self.order.index_select(0, self.index).view(-1)]
+        x = pixels(self.images[self.order.index_select(0, self.index).view(-1)])
         self.index += 1
         self.pos += 1
         return x
@@ -434,7 +460,7 @@ def evaluate_elbo(
     """
     totals = torch.zeros(3, dtype=torch.float64, device=images.device)
     with seeded(seed, images.device):
-        for x in images.split(batch_size):
+        for x in map(pixels, images.split(batch_size)):
             d = vae.compute_loss(x, vae(x, S=MC_SAMPLES), likelihood="bernoulli").diagnostics
             parts = torch.stack([d["elbo"], d["log_likelihood"], d["kl_divergence"]])
             totals += parts.double() * len(x)
@@ -452,18 +478,26 @@ def estimate_log_px(vae: VAE, images: torch.Tensor, k: int = IW_SAMPLES, seed: i
     """
     device = images.device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    per_pass = max(1, IW_DECODES_PER_PASS // k)  # images per pass: K decodes of each
+    per_pass = max(1, IW_DECODES_PER_PASS // k)  # images per pass: K draws of z for each
     with seeded(seed, device):
         for x in images.split(per_pass):
-            x = x.flatten(1)
+            x = pixels(x).flatten(1)
             mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
             z = mu + torch.exp(0.5 * log_var) * torch.randn(k, *mu.shape, device=device)
-            logits = vae.decoder(z.flatten(0, 1)).view(k, len(x), -1)
-            bce = binary_cross_entropy_with_logits(logits, x.expand(k, -1, -1), reduction="none")
-            log_prior = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
-            log_w = log_prior - bce.sum(-1) - gaussian_log_density(z, mu, log_var)  # [K, B]
+            draws = max(1, IW_DECODES_AT_ONCE // len(x))  # decoded together, for memory
+            log_w = torch.cat([log_weights(vae, zs, x, mu, log_var) for zs in z.split(draws)])
             total += (torch.logsumexp(log_w.double(), dim=0) - math.log(k)).sum()
     return float(total / len(images))
+
+
+def log_weights(
+    vae: VAE, z: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor
+) -> torch.Tensor:
+    """log p(x|z) + log p(z) - log q(z|x) of draws z [D, B, N_z] of images x [B, 784]: [D, B]."""
+    logits = vae.decoder(z.flatten(0, 1)).view(len(z), len(x), -1)
+    bce = binary_cross_entropy_with_logits(logits, x.expand(len(z), -1, -1), reduction="none")
+    log_prior = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
+    return log_prior - bce.sum(-1) - gaussian_log_density(z, mu, log_var)
 
 
 def evaluate_point(vae: VAE, data: Data, seed: int) -> dict[str, float]:
@@ -638,8 +672,15 @@ class RunKey(NamedTuple):
 
 
 def runs_of(cfg: Config) -> list[RunKey]:
-    """The runs of a configuration, in figure order."""
+    """The runs of a configuration, in figure order (--list-runs shows them)."""
     return [RunKey(m, d, i) for m in cfg.methods for d in cfg.latent_dims for i in range(cfg.seeds)]
+
+
+def selected_runs(cfg: Config) -> list[RunKey]:
+    """The runs this invocation trains: every run of the configuration, or with --run-index
+    the one of that index."""
+    runs = runs_of(cfg)
+    return runs if cfg.run_index is None else [runs[cfg.run_index]]
 
 
 def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -> int:
@@ -963,7 +1004,7 @@ def plot_samples(models: dict[RunKey, dict], digits: torch.Tensor, path: str, se
     methods = [m for m in METHODS if any(key.method == m for key in models)]
     fig = Figure(figsize=(4.4 * max(1, len(methods)), 0.62 * (1 + 2 * len(dims)) + 0.2))
     grid = fig.add_gridspec(1 + 2 * len(dims), max(1, len(methods)))
-    digits = digits[:SHOW_DIGITS].cpu()
+    digits = pixels(digits[:SHOW_DIGITS].cpu())
     show_strip(fig.add_subplot(grid[0, :]), digits, "test digits")
     for row, nz in enumerate(dims):
         z = torch.randn(SHOW_DIGITS, nz, generator=torch.Generator().manual_seed(seed + nz))
@@ -1056,10 +1097,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def in_workers(cfg: Config, device: torch.device, todo: list[RunKey]) -> bool:
-    """Whether the runs train in worker processes (CPU, --jobs above 1, several runs) rather
-    than all in flight in this process."""
-    return device.type == "cpu" and cfg.jobs > 1 and len(todo) > 1
+def side_by_side(cfg: Config, device: torch.device, runs: int) -> int:
+    """How many of `runs` runs train side by side, each in a worker process of its own (1: all
+    in this process, as on a GPU): --jobs, or one per usable core, up to the runs and to what
+    the available memory holds."""
+    if device.type != "cpu" or runs < 2:
+        return 1
+    if cfg.jobs:
+        return min(cfg.jobs, runs)
+    memory = available_memory()
+    room = memory // WORKER_MEMORY if memory is not None else runs
+    return max(1, min(cpu_count(), runs, room))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory that new processes can take (Linux's MemAvailable); None where unknown."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def threads_for(cfg: Config, in_flight: int) -> int:
@@ -1630,18 +1687,14 @@ def open_results(
     """The results folder of this configuration (the old one's files set aside with --fresh),
     the run files already there, and the runs left to train; CheckpointError for an unreadable
     or foreign run file or checkpoint, before any work."""
-    fp, end, header = (
-        fingerprint(cfg, data, device),
-        schedule_of(cfg)[-1],
-        results_header(cfg, device),
-    )
-    folder = ResultsFolder(cfg.out_dir, fp, header, tuple(runs_of(cfg)), end)
+    fp, end = fingerprint(cfg, data, device), schedule_of(cfg)[-1]
+    folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(runs_of(cfg)), end)
     if cfg.fresh:
         for name in (RESULTS_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER, SAMPLES_NAME):
             move_aside(os.path.join(cfg.out_dir, name))
     on_disk = folder.read()
     todo = []
-    for key in folder.keys:
+    for key in selected_runs(cfg):
         run = on_disk.get(key, pending_record(key))
         if ended(run, end):
             log(f"[{key.name}] already {run['status']}: skipped")
@@ -1797,7 +1850,7 @@ def worker(
 
 
 class Workers:
-    """Runs in up to cfg.jobs worker processes, one process per run (the CPU's way).
+    """Runs in up to `jobs` worker processes, one process per run (the CPU's way).
 
     Hand-written rather than a ProcessPoolExecutor: a worker killed outright (a crash, an
     out-of-memory kill) breaks such a pool for every run, while here it fails only its own
@@ -1806,8 +1859,8 @@ class Workers:
     get the same signal, so each saves and stops.
     """
 
-    def __init__(self, cfg: Config, folder: ResultsFolder, progress: Progress) -> None:
-        self.cfg, self.folder, self.progress = cfg, folder, progress
+    def __init__(self, cfg: Config, folder: ResultsFolder, progress: Progress, jobs: int) -> None:
+        self.cfg, self.folder, self.progress, self.jobs = cfg, folder, progress, jobs
         self.ctx = multiprocessing.get_context("spawn")
         self.messages = self.ctx.Queue()
         self.left: dict[RunKey, str] = {}
@@ -1822,8 +1875,8 @@ class Workers:
                 for process in running.values():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(process.pid, STOP_REQUEST[0])
-            while waiting and len(running) < self.cfg.jobs:
-                threads = threads_for(self.cfg, min(self.cfg.jobs, len(running) + len(waiting)))
+            while waiting and len(running) < self.jobs:
+                threads = threads_for(self.cfg, min(self.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
                 args = (self.cfg, key, self.folder, self.messages, threads)
                 running[key] = self.ctx.Process(target=worker, args=args, name=key.stem)
@@ -2027,6 +2080,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error(
             f"--threads {a.threads} is negative; use 0 to share the cores, or a positive count"
         )
+    if a.jobs < 0:
+        parser.error(f"--jobs {a.jobs} is negative; use 0 for one worker per core, or a count")
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             "--device cuda was asked for but CUDA is not available here; use --device cpu or auto"
@@ -2036,7 +2091,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}
     for name in ("latent_dims", "methods"):
         values[name] = tuple(dict.fromkeys(values[name]))  # in order, without repeats
-    return Config(**values)
+    cfg = Config(**values)
+    if cfg.run_index is not None and not 0 <= cfg.run_index < (n := len(runs_of(cfg))):
+        parser.error(
+            f"--run-index {cfg.run_index} is not a run of this configuration, which has {n} "
+            f"(0 to {n - 1}); --list-runs lists them"
+        )
+    return cfg
 
 
 # -------------------------------------------------------------------------------- main
@@ -2065,10 +2126,10 @@ def plot_only(cfg: Config) -> int:
 def train_runs(
     cfg: Config, data: Data, folder: ResultsFolder, todo: list[RunKey], on_disk: dict
 ) -> tuple[dict[RunKey, str], float]:
-    """Say how long it will take, then train the runs of `todo`: in worker processes on a CPU
-    with --jobs above 1, else all in flight in this process; the runs left to other
-    processes, and the time estimate."""
-    at_a_time = min(cfg.jobs, len(todo)) if in_workers(cfg, data.train.device, todo) else 1
+    """Say how long it will take, then train the runs of `todo`: side by side in worker
+    processes on a CPU, else all in flight in this process; the runs left to other processes,
+    and the time estimate."""
+    at_a_time = side_by_side(cfg, data.train.device, len(todo))
     if at_a_time == 1:
         torch.set_num_threads(cfg.threads or cpu_count())
     seconds = estimate(cfg, data, todo, on_disk, at_a_time)
@@ -2077,7 +2138,7 @@ def train_runs(
     progress = Progress(schedule_of(cfg)[-1])
     try:
         if at_a_time > 1:
-            return Workers(cfg, folder, progress).train(todo), seconds
+            return Workers(cfg, folder, progress, at_a_time).train(todo), seconds
         here = dataclasses.replace(folder, show=progress.show)
         return train_in_this_process(todo, cfg, data, here), seconds
     finally:
@@ -2087,6 +2148,10 @@ def train_runs(
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load MNIST, train every run, save the JSON, draw the figure."""
     cfg = parse_config(argv)
+    if cfg.list_runs:
+        for i, key in enumerate(runs_of(cfg)):
+            print(f"{i} {key.name}")
+        return 0
     if cfg.plot_only:
         return plot_only(cfg)
     device = resolve_device(cfg.device)
@@ -2123,7 +2188,7 @@ def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
         except Interrupted as exc:
             code = exc.code
         results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
-    ours = [r for r in results["runs"] if RunKey.of(r) in folder.keys]
+    ours = [r for r in results["runs"] if RunKey.of(r) in selected_runs(cfg)]
     if not code and any(r["status"] != "done" for r in ours if RunKey.of(r) not in left):
         code = 3
     pictures = draw_samples(cfg.out_dir, data.test_eval, cfg.seed)

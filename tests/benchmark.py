@@ -157,7 +157,7 @@ def plain_step(
     params = [p for layer in (enc, head, dec1, dec2) for p in layer.parameters()]
     fused = {"fused": True} if device.type == "cpu" else {"foreach": True}
     opt = torch.optim.Adagrad(params, lr=cfg.timing_lr, weight_decay=rf.WEIGHT_DECAY, **fused)
-    flat = images.flatten(1)
+    flat = rf.pixels(images).flatten(1)  # the plain way: the whole set as float32
 
     def steps(n: int) -> float:
         for _ in range(n):

@@ -64,7 +64,7 @@ BAD = [
     ["--batch-size", "0"],
     ["--hidden-size", "-1"],
     ["--evals-per-decade", "0"],
-    ["--jobs", "0"],
+    ["--jobs", "-1"],
     ["--threads", "-2"],
     ["--methods", "gan"],
     ["--device", "tpu"],

@@ -34,7 +34,7 @@ def test_cuda_evaluator_equals_the_hand_computation(synthetic_data: rf.Data) -> 
     x = synthetic_data.test_eval.to(CUDA)
     got = rf.evaluate_elbo(vae, x, seed=11)
     d = {k: v.double().cpu() for k, v in vae.state_dict().items()}
-    xf = x.flatten(1).double().cpu()
+    xf = rf.pixels(x).flatten(1).double().cpu()
     h = torch.tanh(xf @ d["encoder.1.weight"].T + d["encoder.1.bias"])
     mu = h @ d["sampling_layer.mu.weight"].T + d["sampling_layer.mu.bias"]
     lv = h @ d["sampling_layer.log_var.weight"].T + d["sampling_layer.log_var.bias"]

@@ -12,16 +12,18 @@ from conftest import REAL_MNIST, tiny_args
 import reproduce_fig2 as rf
 
 
-def test_loader_gives_float32_images_in_0_1_of_mnist_shape(mnist_dir: Path) -> None:
+def test_loader_keeps_the_bytes_and_pixels_gives_intensities_in_0_1(mnist_dir: Path) -> None:
     data = rf.load_data(
         str(mnist_dir), torch.device("cpu"), binarize=False, seed=0, verify=False, download=False
     )
     assert data.train.shape == (400, 1, 28, 28) and data.test_eval.shape == (100, 1, 28, 28)
     for t in (data.train, data.train_eval, data.test_eval):
-        assert t.dtype == torch.float32
-        assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
+        assert t.dtype == torch.uint8  # a quarter of float32's memory in every worker
+        x = rf.pixels(t)
+        assert x.dtype == torch.float32 and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        assert torch.equal(x, t.to(torch.float32) / 255)  # the exact intensities, bytes / 255
     assert data.train_eval is data.train  # grey levels: training and scoring use the same tensor
-    assert float(data.train.max()) > 0.9  # scaled by 1/255, not left in 0..255 or squashed
+    assert float(rf.pixels(data.train).max()) > 0.9  # scaled by 1/255, not squashed
 
 
 def test_binarized_evaluation_sets_are_fixed(mnist_dir: Path) -> None:
@@ -31,7 +33,7 @@ def test_binarized_evaluation_sets_are_fixed(mnist_dir: Path) -> None:
     b = rf.load_data(
         str(mnist_dir), torch.device("cpu"), binarize=True, seed=5, verify=False, download=False
     )
-    assert set(torch.unique(a.test_eval).tolist()) == {0.0, 1.0}
+    assert set(torch.unique(rf.pixels(a.test_eval)).tolist()) == {0.0, 1.0}
     assert torch.equal(a.test_eval, b.test_eval) and torch.equal(a.train_eval, b.train_eval)
     # training draws are re-binarized from the grey levels
     assert not torch.equal(a.train, a.train_eval)
@@ -97,4 +99,4 @@ def test_real_mnist_passes_the_checksums() -> None:
     train = rf.load_split(str(REAL_MNIST), "train", verify=True)
     test = rf.load_split(str(REAL_MNIST), "test", verify=True)
     assert train.shape == (60_000, 1, 28, 28) and test.shape == (10_000, 1, 28, 28)
-    assert abs(float(train.mean()) - 0.1307) < 1e-3
+    assert abs(float(rf.pixels(train).mean()) - 0.1307) < 1e-3

@@ -35,7 +35,7 @@ def test_evaluator_equals_the_hand_computation_and_keeps_the_rng(synthetic_data:
     assert torch.equal(torch.get_rng_state(), rng_before)  # training's random stream untouched
 
     d = {k: v.double() for k, v in vae.state_dict().items()}
-    xf = x.flatten(1).double()
+    xf = rf.pixels(x).flatten(1).double()
     h = torch.tanh(xf @ d["encoder.1.weight"].T + d["encoder.1.bias"])
     mu = h @ d["sampling_layer.mu.weight"].T + d["sampling_layer.mu.bias"]
     lv = h @ d["sampling_layer.log_var.weight"].T + d["sampling_layer.log_var.bias"]

@@ -32,7 +32,7 @@ def unchanged(before: list[torch.Tensor], now: Iterable[torch.Tensor]) -> list[b
 def test_weight_decay_shrinks_a_parameter_without_data_gradient(synthetic_data: rf.Data) -> None:
     torch.manual_seed(0)
     vae = rf.build_vae(latent_dim=3, hidden_size=16)
-    x = synthetic_data.train[:50]
+    x = rf.pixels(synthetic_data.train[:50])
     # pixel 0 is black: its encoder weights get no data gradient
     assert float(x[:, 0, 0, 0].abs().max()) == 0.0
     opts = rf.make_optimizers(vae, "aevb", lr=0.02, fused=True)
@@ -78,7 +78,9 @@ def test_wake_step_moves_only_the_decoder(synthetic_data: rf.Data) -> None:
         params_of(vae.encoder) + params_of(vae.sampling_layer),
         params_of(vae.decoder),
     )
-    rf.wake_step(vae, dec_opt, synthetic_data.train[:50], torch.Generator().manual_seed(0))
+    rf.wake_step(
+        vae, dec_opt, rf.pixels(synthetic_data.train[:50]), torch.Generator().manual_seed(0)
+    )
     assert all(unchanged(enc_before, rf.encoder_parameters(vae)))
     assert not any(unchanged(dec_before, vae.decoder.parameters()))
 
@@ -112,7 +114,7 @@ def test_wake_loss_is_bernoulli_log_likelihood(synthetic_data: rf.Data) -> None:
     vae = rf.build_vae(3, 16, init_std=0.2)
     twin = copy.deepcopy(vae)
     dec_opt, _ = rf.make_optimizers(vae, "wake-sleep", 0.02, fused=True)
-    x = synthetic_data.train[:30]
+    x = rf.pixels(synthetic_data.train[:30])
     loss = rf.wake_step(vae, dec_opt, x, torch.Generator().manual_seed(7))
     torch.manual_seed(7)
     with torch.no_grad():
@@ -188,7 +190,7 @@ def test_training_loss_is_the_libraries_compute_loss_objective(
 ) -> None:
     torch.manual_seed(0)
     vae = rf.build_vae(latent_dim, 32, init_std=0.3)
-    x = synthetic_data.train[:50]
+    x = rf.pixels(synthetic_data.train[:50])
     ours = rf.aevb_loss(vae, x, torch.Generator().manual_seed(5))
     torch.manual_seed(5)  # the same noise: one eps per datapoint, drawn in the same order
     library = vae.compute_loss(x, vae(x, S=rf.MC_SAMPLES), likelihood="bernoulli").objective
