@@ -1,15 +1,24 @@
 """Shared test helpers: synthetic MNIST in torchvision's raw layout (`make_mnist_dir`, the
-`mnist_dir` and `synthetic_data` fixtures), a tiny configuration (`tiny_config`, and
-`tiny_args` for the command line), `train_n_z3` and the comparison of results (`measured`)."""
+`mnist_dir` and `synthetic_data` fixtures); tiny configurations (`tiny_config` for the loop,
+`tiny_args` and `resumable_args` for the command line) and `train_n_z3`; a finished tiny
+invocation to read or copy (the session's `finished` fixture); the script as a process of its
+own (`start`, `running`, `wait_for`, `stop_at_first_checkpoint`); the evaluator's hand
+computation (`hand_elbo`); what runs hold to compare (`measured`, `without_wall`,
+`step_counters`); the `cuda` marker and the `no_network` guard."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import shutil
 import struct
+import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +32,13 @@ sys.path.insert(0, str(ROOT))
 import reproduce_fig2 as rf  # noqa: E402 (importable only once sys.path holds the root)
 
 REAL_MNIST = ROOT.parent / "shared" / "mnist"
+SCRIPT = str(ROOT / "reproduce_fig2.py")
+FINISHED_UMASK = 0o027  # the umask the `finished` invocation ran under
 
 torch.set_num_threads(1)
 
 
+# -------------------------------------------------------------------------------- data
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file (magic 0x08 = unsigned byte)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
@@ -65,7 +77,7 @@ def make_mnist_dir(root: Path, n_train: int = 400, n_test: int = 100) -> Path:
 
 @pytest.fixture
 def mnist_dir(tmp_path: Path) -> Path:
-    """Synthetic MNIST in a temporary data folder."""
+    """Synthetic MNIST in a temporary data folder (the same files, and digest, every time)."""
     return make_mnist_dir(tmp_path / "data")
 
 
@@ -77,12 +89,38 @@ def synthetic_data(mnist_dir: Path) -> rf.Data:
     )
 
 
+# -------------------------------------------------------------------------------- tiny runs
 def tiny_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
-    """Command-line arguments for a run that takes a second or two on synthetic data."""
+    """Command-line arguments for four runs (both methods, N_z = 2 and 3) of a second or two
+    on synthetic data, evaluated at 450, 1,000 and 1,200 samples; `extra` overrides."""
     fixed = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--no-verify-data"]
     small = "--samples 1200 --eval-start 300 --evals-per-decade 3 --hidden-size 16 --batch-size 50"
     serial = "--threads 1 --jobs 1"
     return [*fixed, "--latent-dims", "2", "3", *small.split(), *serial.split(), *extra]
+
+
+def resumable_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    """An AEVB N_z = 2 run of a few seconds whose first checkpoint (at 450 samples) comes
+    early: time to stop it between its start and its end."""
+    longer = ("--latent-dims", "2", "--methods", "aevb", "--hidden-size", "64")
+    return tiny_args(data_dir, out_dir, *longer, "--samples", "40000", *extra)
+
+
+def tiny_config(**kw: Any) -> rf.Config:
+    """A Config for runs of a second on the synthetic data, trained by `train_n_z3` or by
+    `rf.start_run` and `rf.train` directly."""
+    base = {
+        "latent_dims": (3,),
+        "methods": ("aevb",),
+        "samples": 3000,
+        "eval_start": 1000,
+        "evals_per_decade": 2,
+        "hidden_size": 32,
+        "batch_size": 50,
+        "threads": 1,
+        "verify_data": False,
+    }
+    return rf.Config(**(base | kw))
 
 
 def train_n_z3(
@@ -103,21 +141,94 @@ def train_n_z3(
     return run.record
 
 
-def tiny_config(**kw: Any) -> rf.Config:
-    """A Config for runs of a second on the synthetic data, trained by `train_n_z3` or by
-    `rf.start_run` and `rf.train` directly."""
-    base = {
-        "latent_dims": (3,),
-        "methods": ("aevb",),
-        "samples": 3000,
-        "eval_start": 1000,
-        "evals_per_decade": 2,
-        "hidden_size": 32,
-        "batch_size": 50,
-        "threads": 1,
-        "verify_data": False,
-    }
-    return rf.Config(**(base | kw))
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A finished `tiny_args` invocation: its results folder, not to be written to (copy it),
+    its data folder and what it printed."""
+
+    out: Path
+    data_dir: Path
+    printed: str
+
+    def copy(self, to: Path) -> Path:
+        """A copy of the results folder at `to`, to go on from; returns `to`."""
+        shutil.copytree(self.out, to)
+        return to
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """The four runs of `tiny_args`, trained once for the session (under FINISHED_UMASK)."""
+    root = tmp_path_factory.mktemp("finished")
+    data_dir, out = make_mnist_dir(root / "data"), root / "out"
+    printed, umask = io.StringIO(), os.umask(FINISHED_UMASK)
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            assert rf.main(tiny_args(data_dir, out)) == 0
+    finally:
+        os.umask(umask)
+        torch.set_num_threads(1)
+    return Finished(out, data_dir, printed.getvalue())
+
+
+# -------------------------------------------------------------------------------- processes
+def start(args: list[str]) -> subprocess.Popen:
+    """The script started as its own process, its output captured."""
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
+    """Poll until `condition()` holds while `proc` runs (`what`: the awaited event, for the
+    failure message)."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def running(args: list[str]) -> Iterator[subprocess.Popen]:
+    """The script running as its own process inside the block, killed if still there after."""
+    proc = start(args)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def stop_at_first_checkpoint(args: list[str], checkpoint: Path, sig: int) -> tuple[int, str, str]:
+    """Run the script with `args`, send `sig` once `checkpoint` exists; (status, stdout, stderr)."""
+    with running(args) as proc:
+        wait_for(checkpoint.exists, proc, f"{checkpoint} appeared")
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stdout, stderr
+
+
+# -------------------------------------------------------------------------------- numbers
+def hand_elbo(vae: rf.VAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[float, float]:
+    """The average log p(x|z) and KL(q(z|x) || p(z)) of the paper's MLP VAE over images `x`,
+    one z per image from the noise `eps`, computed by hand in float64 on the CPU."""
+    d = {k: v.double().cpu() for k, v in vae.state_dict().items()}
+    xf, eps = rf.pixels(x).flatten(1).double().cpu(), eps.double().cpu()
+    h = torch.tanh(xf @ d["encoder.1.weight"].T + d["encoder.1.bias"])
+    mu = h @ d["sampling_layer.mu.weight"].T + d["sampling_layer.mu.bias"]
+    lv = h @ d["sampling_layer.log_var.weight"].T + d["sampling_layer.log_var.bias"]
+    z = mu + torch.exp(0.5 * lv) * eps
+    hidden = torch.tanh(z @ d["decoder.0.weight"].T + d["decoder.0.bias"])
+    y = torch.sigmoid(hidden @ d["decoder.2.weight"].T + d["decoder.2.bias"])
+    ll = (xf * torch.log(y) + (1 - xf) * torch.log(1 - y)).sum(1).mean()
+    kl = (0.5 * (lv.exp() + mu**2 - 1 - lv)).sum(1).mean()
+    return float(ll), float(kl)
+
+
+def step_counters(run: rf.Run) -> list[float]:
+    """Adagrad's step counter of every parameter of the run, as a checkpoint holds them."""
+    return [float(s["step"]) for o in rf.run_state(run)["optimizers"] for s in o["state"].values()]
 
 
 def measured(path: Path) -> list[tuple]:
@@ -134,6 +245,7 @@ def without_wall(e: dict) -> dict:
     return {k: v for k, v in e.items() if k != "wall_seconds"}
 
 
+# -------------------------------------------------------------------------------- guards
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the network: a download attempt fails as it does on an offline machine."""

@@ -1,20 +1,23 @@
-"""Command line and main(): defaults, bad values, the end-to-end run, reproducibility."""
+"""The command line and main(): flags, bad values, outputs, time, threads, the benchmark."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import benchmark
 import pytest
 import torch
-from conftest import measured, tiny_args
+from conftest import FINISHED_UMASK, Finished, measured, tiny_args
 
 import reproduce_fig2 as rf
 
 
+# -------------------------------------------------------------------------------- flags
 def test_editing_a_constant_changes_the_default_run(tmp_path: Path) -> None:
     # "edit the constants at the top of the file" is the interface: a copy of the script with
     # two constants changed trains other runs by default, and says so in --help
@@ -86,7 +89,9 @@ def test_bad_values_exit_2_before_any_work(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-def test_cuda_without_cuda_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_device_cuda_without_a_gpu_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as stop:
         rf.main(["--device", "cuda", "--out-dir", str(tmp_path)])
     assert stop.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
@@ -100,13 +105,11 @@ def test_unwritable_out_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert stop.value.code == 2 and "--out-dir" in capsys.readouterr().err
 
 
-def test_main_writes_json_png_table_and_plot_only_redraws(
-    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "out"
-    assert rf.main(tiny_args(mnist_dir, out)) == 0
-    printed = capsys.readouterr().out
-    assert "| AEVB | 2 | 1 | 1,200 |" in printed and "| WS | 3 | 1 |" in printed  # final table
+# -------------------------------------------------------------------------------- outputs
+def test_an_invocation_leaves_results_figure_table_and_models(finished: Finished) -> None:
+    out = finished.out
+    assert "| AEVB | 2 | 1 | 1,200 |" in finished.printed  # the final table
+    assert "| WS | 3 | 1 |" in finished.printed
     results = json.loads((out / rf.RESULTS_NAME).read_text())
     assert results["config"]["samples"] == 1200 and results["config"]["latent_dims"] == [2, 3]
     assert (
@@ -137,25 +140,45 @@ def test_main_writes_json_png_table_and_plot_only_redraws(
                 "wall_seconds",
             }
             assert e["train_elbo"] == pytest.approx(e["train_log_likelihood"] - e["train_kl"])
-    png = out / rf.FIGURE_NAME
-    assert png.stat().st_size > 10_000
-    png.unlink()
-    assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
-    assert png.exists()
-    # the same command again finds every run finished and loses nothing
+        # the final model, its log p(x) estimate, loadable with the README's one line
+        assert r["log_px"]["k"] == rf.IW_SAMPLES
+        assert r["evals"][-1]["test_elbo"] - 1 < r["log_px"]["test"] < 0
+        saved = torch.load(out / "models" / f"{r['method']}_nz{r['latent_dim']}.pt")
+        vae = rf.build_vae(saved["latent_dim"], saved["hidden_size"])
+        vae.load_state_dict(saved["model"])
+        assert (saved["method"], saved["samples"], saved["diverged"]) == (r["method"], 1200, False)
+        assert saved["fingerprint"]["seed"] == rf.SEED and saved["seed"] == r["seed"]
+    assert (out / rf.FIGURE_NAME).stat().st_size > 10_000
+    assert f"samples: {out / rf.SAMPLES_NAME}" in finished.printed
+    assert not (out / "checkpoints").exists()  # finished runs keep no checkpoint, nor folder
+    # every file written as a plain one is, under the user's umask (not tempfile's private 0600)
+    files = [p for p in out.rglob("*") if p.is_file() and p.suffix != ".lock"]
+    assert len(files) == 3 + 4 + 4  # JSON, figure, samples; four run files, four models
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~FINISHED_UMASK}
+
+
+def test_plot_only_redraws_from_the_run_files_and_a_rerun_or_fresh_start_loses_nothing(
+    finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = finished.copy(tmp_path / "out")
     before = measured(out / rf.RESULTS_NAME)
+    for name in (rf.RESULTS_NAME, rf.FIGURE_NAME, rf.SAMPLES_NAME):
+        (out / name).unlink()
+    plot_only = ["--plot-only", "--out-dir", str(out), "--data-dir", str(mnist_dir)]
+    assert rf.main([*plot_only, "--no-verify-data"]) == 0
+    assert (out / rf.FIGURE_NAME).exists() and (out / rf.SAMPLES_NAME).exists()  # from the models
+    assert measured(out / rf.RESULTS_NAME) == before  # the combined JSON is rebuilt
+    assert json.loads((out / rf.RESULTS_NAME).read_text())["config"]["samples"] == 1200
+    # the combined JSON is only an output: cut short, it is no reason to refuse
+    (out / rf.RESULTS_NAME).write_text('{"runs": [')
     assert rf.main(tiny_args(mnist_dir, out, "--methods", "aevb")) == 0
     assert "[aevb N_z=3] already done: skipped" in capsys.readouterr().out
     assert measured(out / rf.RESULTS_NAME) == before  # the wake-sleep runs stay in the file
-    assert not (out / "checkpoints").exists()  # finished runs keep no checkpoint, nor folder
     # --fresh starts over and keeps the earlier results and run files aside
     assert rf.main(tiny_args(mnist_dir, out, "--methods", "aevb", "--fresh")) == 0
     assert len(list(out.glob("vae_mnist_fig2_repro.*.json"))) == 1
     assert len(list(out.glob("runs.*"))) == 1 and len(list(out.glob("models.*"))) == 1
-    assert [r["method"] for r in json.loads((out / rf.RESULTS_NAME).read_text())["runs"]] == [
-        "aevb",
-        "aevb",
-    ]
+    assert [m[:2] for m in measured(out / rf.RESULTS_NAME)] == [("aevb", 2), ("aevb", 3)]
 
 
 def test_plot_only_without_results_exits_2(
@@ -165,72 +188,57 @@ def test_plot_only_without_results_exits_2(
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_same_seed_gives_the_same_numbers_and_another_seed_others(
-    mnist_dir: Path, tmp_path: Path
+# -------------------------------------------------------------------------------- time
+def test_the_time_estimate_is_printed_before_training_and_the_wall_time_after(
+    finished: Finished,
 ) -> None:
-    for name in ("a", "b"):
-        assert rf.main(tiny_args(mnist_dir, tmp_path / name, "--latent-dims", "2")) == 0
-    a, b = measured(tmp_path / "a" / rf.RESULTS_NAME), measured(tmp_path / "b" / rf.RESULTS_NAME)
-    assert a == b and len(a[0][3]) == 3
-    assert rf.main(tiny_args(mnist_dir, tmp_path / "c", "--latent-dims", "2", "--seed", "7")) == 0
-    assert measured(tmp_path / "c" / rf.RESULTS_NAME) != a
+    out = finished.printed
+    assert re.search(r"estimate: 4 runs x 1,200 samples, 1 at a time: about \d+ s here", out)
+    assert out.index("estimate:") < out.index("[aevb N_z=2] samples")
+    assert re.search(r"wall time: \d+ s \(estimated \d+ s\)", out)
 
 
-def test_a_finished_run_leaves_its_model_log_px_and_pictures(
-    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_the_estimate_counts_what_is_left(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "out"
-    assert rf.main(tiny_args(mnist_dir, out)) == 0
-    assert f"samples: {out / rf.SAMPLES_NAME}" in capsys.readouterr().out
-    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
-    for run in runs:
-        assert run["log_px"]["k"] == rf.IW_SAMPLES
-        assert run["evals"][-1]["test_elbo"] - 1 < run["log_px"]["test"] < 0
-        saved = torch.load(out / "models" / f"{run['method']}_nz{run['latent_dim']}.pt")
-        vae = rf.build_vae(saved["latent_dim"], saved["hidden_size"])
-        vae.load_state_dict(saved["model"])  # the README's one line
-        assert (saved["method"], saved["samples"], saved["diverged"]) == (
-            run["method"],
-            1200,
-            False,
-        )
-        assert saved["fingerprint"]["seed"] == rf.SEED and saved["seed"] == run["seed"]
-    (out / rf.SAMPLES_NAME).unlink()
-    assert (
-        rf.main(
-            ["--plot-only", "--out-dir", str(out), "--data-dir", str(mnist_dir), "--no-verify-data"]
-        )
-        == 0
-    )
-    assert (out / rf.SAMPLES_NAME).exists()  # redrawn from the saved models
+    step_s = 0.01  # the timings fixed, so that only the counting is tested
+    monkeypatch.setattr(rf, "seconds_per_step", lambda runs, advance: step_s)
+    monkeypatch.setattr(rf, "seconds_per_evaluation", lambda vae, data, seed: 0.1)
+    cfg = rf.parse_config(tiny_args(mnist_dir, tmp_path / "out", "--jobs", "2"))
+    data = rf.load_data(str(mnist_dir), torch.device("cpu"), False, 0, verify=False)
+    keys = [rf.RunKey("aevb", 2), rf.RunKey("aevb", 3)]
+    fresh = rf.estimate(cfg, data, keys, {}, 2)
+    half = {key: {"evals": [{"samples": 300}]} for key in keys}  # before the first point, 450
+    # the two runs side by side, each 300 samples further: 6 steps fewer, the same evaluations
+    saved = 300 // cfg.batch_size * step_s
+    assert rf.estimate(cfg, data, keys, half, 2) == pytest.approx(fresh - saved)
+    finishing = {key: {"evals": [{"samples": cfg.samples}]} for key in keys}
+    assert rf.estimate(cfg, data, keys, finishing, 2) == 0.0  # others finish them
 
 
-def test_seeds_give_one_record_each_and_a_band(mnist_dir: Path, tmp_path: Path) -> None:
-    args = ["--latent-dims", "2", "--methods", "aevb"]
-    assert rf.main(tiny_args(mnist_dir, tmp_path / "one", *args)) == 0
-    assert rf.main(tiny_args(mnist_dir, tmp_path / "three", *args, "--seeds", "3")) == 0
-    runs = json.loads((tmp_path / "three" / rf.RESULTS_NAME).read_text())["runs"]
-    assert [r["seed_index"] for r in runs] == [0, 1, 2] and len({r["seed"] for r in runs}) == 3
-    finals = [r["evals"][-1]["test_elbo"] for r in runs]
-    assert len(set(finals)) == 3  # three different runs
-    # the first seed is the run a single-seed invocation makes
-    assert (
-        measured(tmp_path / "one" / rf.RESULTS_NAME)[0][3]
-        == measured(tmp_path / "three" / rf.RESULTS_NAME)[0][3]
-    )
-    table = rf.results_table({"runs": runs})
-    median = sorted(finals)[1]
-    assert (
-        "| AEVB | 2 | 3 | 1,200 |" in table
-        and f"{median:.2f} ({min(finals):.2f} to {max(finals):.2f})" in table
-    )
-    fig = rf.plot_results({"runs": runs}, str(tmp_path / "f.png"))
-    assert len(fig.axes[0].collections) == 2  # a train and a test band
-    assert sorted(p.name for p in (tmp_path / "three" / "runs").glob("*.json")) == [
-        "aevb_nz2.json",
-        "aevb_nz2_seed1.json",
-        "aevb_nz2_seed2.json",
-    ]
+# -------------------------------------------------------------------------------- the machine
+def test_a_lone_run_gets_every_core_and_runs_side_by_side_share_them(
+    mnist_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(rf, "cpu_count", lambda: 4)
+    shared = ("--methods", "aevb", "--threads", "0", "--jobs", "2")
+    lone = tiny_args(mnist_dir, tmp_path / "lone", *shared, "--latent-dims", "2")
+    # two runs (a point each) in two worker processes, which get their threads from here
+    pair = tiny_args(mnist_dir, tmp_path / "pair", *shared, "--samples", "300")
+    try:
+        assert rf.main(lone) == 0
+        assert rf.main(pair) == 0
+    finally:
+        torch.set_num_threads(1)
+    assert "[aevb N_z=2] training on 4 threads" in capsys.readouterr().out
+
+    def threads(out: Path) -> list[int]:
+        return [r["threads"] for r in json.loads((out / rf.RESULTS_NAME).read_text())["runs"]]
+
+    assert threads(tmp_path / "lone") == [4] and threads(tmp_path / "pair") == [2, 2]
 
 
 def test_the_script_imports_and_trains_without_fcntl(mnist_dir: Path, tmp_path: Path) -> None:
@@ -251,3 +259,20 @@ def test_the_script_imports_and_trains_without_fcntl(mnist_dir: Path, tmp_path: 
     assert done.returncode == 0, done.stderr
     (run,) = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
     assert run["status"] == "done"
+
+
+def test_benchmark_smoke_prints_every_field(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--steps", "2", "--data-dir", str(mnist_dir), "--no-verify-data", "--threads", "1"]
+    assert benchmark.main([*argv, "--json", str(tmp_path / "bench.json")]) == 0
+    out = capsys.readouterr().out
+    # the synthetic files are not called MNIST's: unchecked, and said to be
+    assert f"unchecked MNIST-format files from {mnist_dir}" in out
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    for key in saved:
+        assert f"  {key} " in out  # every number is printed as well as saved
+    assert saved["gpu"] is None and saved["torch"] == str(torch.__version__)  # no GPU here
+    assert saved["runs_in_flight"] == 10  # the default configuration's ten runs
+    for key in ("steps_per_s_one_run", "steps_per_s_all_runs", "eval_seconds"):
+        assert saved[key] > 0

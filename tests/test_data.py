@@ -1,8 +1,9 @@
-"""Data: the MNIST loader, checksums, missing, truncated and malformed files."""
+"""Loading MNIST: the loader's tensors, checksums, damaged or missing files said in one line."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,25 +40,42 @@ def test_binarized_evaluation_sets_are_fixed(mnist_dir: Path) -> None:
     assert not torch.equal(a.train, a.train_eval)
 
 
-def test_checksum_mismatch_names_split_and_folder(mnist_dir: Path) -> None:
-    with pytest.raises(rf.DataError) as err:
-        rf.load_split(str(mnist_dir), "train", verify=True)
-    msg = str(err.value)
-    assert "train" in msg and str(mnist_dir / "MNIST" / "raw") in msg and "checksum" in msg
-
-
-def test_truncated_file_is_named(mnist_dir: Path) -> None:
-    path = mnist_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+def truncate(path: Path) -> None:
+    """Cut the last 100 bytes off a file."""
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(rf.DataError, match="t10k-images-idx3-ubyte is truncated"):
-        rf.load_split(str(mnist_dir), "test", verify=False)
 
 
-def test_malformed_header_is_named(mnist_dir: Path) -> None:
-    path = mnist_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+def replace_with_html(path: Path) -> None:
+    """What a failed download through a captive portal leaves."""
     path.write_bytes(b"<html>not mnist</html>")
-    with pytest.raises(rf.DataError, match="train-labels-idx1-ubyte is not an IDX file"):
-        rf.load_split(str(mnist_dir), "train", verify=False)
+
+
+@pytest.mark.parametrize(
+    "damage, file, said",
+    [
+        (None, "", "the train split does not match the standard MNIST checksums"),
+        (truncate, "t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte is truncated"),
+        (replace_with_html, "train-labels-idx1-ubyte", "train-labels-idx1-ubyte is not an IDX"),
+    ],
+    ids=["not-mnist", "truncated", "not-idx"],
+)
+def test_data_that_is_not_mnist_is_one_line_naming_the_file(
+    damage: Callable[[Path], None] | None,
+    file: str,
+    said: str,
+    mnist_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if damage:
+        damage(mnist_dir / "MNIST" / "raw" / file)
+        checked = "--no-verify-data"  # damaged files are refused, checksums or not
+    else:
+        checked = "--verify-data"  # well-formed files: only the checksums tell them apart
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "out", checked)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert said in err and str(mnist_dir / "MNIST" / "raw") in err
 
 
 def test_missing_data_offline_is_one_clear_line(
@@ -80,16 +98,6 @@ def test_missing_data_offline_is_one_clear_line(
     ):
         assert name in err
     assert "--data-dir" in err and "download failed" in err
-
-
-def test_main_reports_a_truncated_file(
-    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = mnist_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    path.write_bytes(path.read_bytes()[:5000])
-    assert rf.main(tiny_args(mnist_dir, tmp_path / "out")) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "train-images-idx3-ubyte is truncated" in err
 
 
 @pytest.mark.skipif(

@@ -1,16 +1,19 @@
-"""Outputs: the figure drawn as the paper draws it."""
+"""What a user looks at: the figure in the paper's frame, the table, the samples picture."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
 
 import reproduce_fig2 as rf
 
 
 def fake_results(methods: tuple[str, ...], dims: tuple[int, ...], low: float = -140.0) -> dict:
+    """Results of finished runs: three evaluations each, test one nat below train."""
     runs = []
     for m in methods:
         for d in dims:
@@ -20,6 +23,18 @@ def fake_results(methods: tuple[str, ...], dims: tuple[int, ...], low: float = -
             ]
             runs.append({"method": m, "latent_dim": d, "status": "done", "evals": evals})
     return {"config": {}, "environment": {}, "runs": runs}
+
+
+def three_seeds() -> dict:
+    """Results of AEVB N_z = 3 with three seeds: the first, one 2 nats above, one 4 below."""
+    results = fake_results(("aevb",), (3,))
+    for shift in (2.0, -4.0):
+        seed = copy.deepcopy(results["runs"][0])
+        for e in seed["evals"]:
+            e["train_elbo"] += shift
+            e["test_elbo"] += shift
+        results["runs"].append(seed)
+    return results
 
 
 LINES = ["AEVB (train)", "AEVB (test)", "WS (train)", "WS (test)"]
@@ -41,30 +56,60 @@ def test_figure_has_one_panel_per_latent_size_with_the_papers_lines(tmp_path: Pa
     assert (tmp_path / "f.png").exists()
 
 
-def test_figure_keeps_the_papers_frame_and_clips_what_leaves_it(tmp_path: Path) -> None:
-    results = fake_results(("aevb", "wake-sleep"), (20,), low=-250.0)  # far below the frame
+def test_figure_keeps_the_papers_frame_and_clips_what_leaves_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = fake_results(("aevb", "wake-sleep"), (3, 20))
+    for run in results["runs"][1::2]:  # N_z = 20: far below the frame
+        for e in run["evals"]:
+            e["train_elbo"] -= 110.0
+            e["test_elbo"] -= 110.0
+    # and one point beyond its top and its right edge
     results["runs"][0]["evals"].append({"samples": 3e8, "train_elbo": -90.0, "test_elbo": -91.0})
-    fig = rf.plot_results(results, str(tmp_path / "f.png"))
-    (ax,) = fig.axes
-    assert ax.get_ylim() == (-150.0, -95.0) and ax.get_xlim() == (1e5, 1e8)
-    assert [line.get_label() for line in ax.get_lines()] == LINES
+    (tmp_path / rf.RESULTS_NAME).write_text(json.dumps(results))
+    drawn: list[Figure] = []
+    plot_results = rf.plot_results
+
+    def plot_and_keep(results: dict, path: str) -> Figure:
+        drawn.append(plot_results(results, path))
+        return drawn[-1]
+
+    monkeypatch.setattr(rf, "plot_results", plot_and_keep)
+    # a folder that holds only the combined results (as docs/ does): the figure redrawn from it
+    assert rf.main(["--plot-only", "--out-dir", str(tmp_path)]) == 0
+    (fig,) = drawn
+    for ax in fig.axes:
+        assert ax.get_ylim() == rf.PAPER_YLIM and ax.get_xlim() == rf.PAPER_XLIM
+        assert [line.get_label() for line in ax.get_lines()] == LINES
+        for line in ax.get_lines():  # drawn up to the frame's edge and no further
+            assert line.get_clip_on() and line.get_clip_box().bounds == ax.bbox.bounds
+    # the lines hold every value, clipped only where drawn, and the JSON keeps them
+    ys = [y for ax in fig.axes for line in ax.get_lines() for y in line.get_ydata()]
+    assert min(ys) == -251.0 and max(ys) == -90.0
+    assert json.loads((tmp_path / rf.RESULTS_NAME).read_text()) == results
+    assert (tmp_path / rf.FIGURE_NAME).exists()
 
 
 def test_several_seeds_draw_the_median_and_a_band(tmp_path: Path) -> None:
-    results = fake_results(("aevb",), (3,))
-    for shift in (2.0, -4.0):  # two more seeds of the same run
-        seed = copy.deepcopy(results["runs"][0])
-        for e in seed["evals"]:
-            e["train_elbo"] += shift
-            e["test_elbo"] += shift
-        results["runs"].append(seed)
-    fig = rf.plot_results(results, str(tmp_path / "f.png"))
+    fig = rf.plot_results(three_seeds(), str(tmp_path / "f.png"))
     (ax,) = fig.axes
     train = ax.get_lines()[0]
     assert list(train.get_ydata()) == [-140.0, -139.0, -138.0]  # the median of the three
     (band, _) = ax.collections  # train and test bands
     lows = band.get_paths()[0].vertices[:, 1]
     assert lows.min() == pytest.approx(-144.0) and lows.max() == pytest.approx(-136.0)
+
+
+def test_the_table_gives_each_setting_once_with_the_median_and_range_of_its_seeds() -> None:
+    results = three_seeds()
+    results["runs"] += fake_results(("wake-sleep",), (3,))["runs"]
+    results["runs"][-1]["log_px"] = {"test": -138.5, "k": 100}
+    table = rf.results_table(results).splitlines()
+    assert table[2:] == [
+        "| AEVB | 3 | 3 | 10,000,000 | -138.00 (-142.00 to -136.00) "
+        "| -139.00 (-143.00 to -137.00) | - | - | done |",
+        "| WS | 3 | 1 | 10,000,000 | -138.00 | -139.00 | -138.50 | 0.50 | done |",
+    ]
 
 
 def test_samples_picture_sets_methods_side_by_side_per_latent_size(

@@ -1,0 +1,396 @@
+"""Stop and resume: stops, kills, full disk, divergence, other settings, shared folders."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    ROOT,
+    Finished,
+    make_mnist_dir,
+    measured,
+    resumable_args,
+    running,
+    stop_at_first_checkpoint,
+    tiny_args,
+    tiny_config,
+    train_n_z3,
+    wait_for,
+    without_wall,
+)
+
+import reproduce_fig2 as rf
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple]:
+    """The evaluation values of the `resumable_args` run, uninterrupted."""
+    root = tmp_path_factory.mktemp("reference")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert rf.main(resumable_args(make_mnist_dir(root / "data"), root / "out")) == 0
+    return measured(root / "out" / rf.RESULTS_NAME)
+
+
+def by_run(path: Path) -> dict[tuple[str, int], tuple]:
+    """measured() of a results file, keyed by (method, N_z)."""
+    return {(m, d): (status, evals) for m, d, status, evals in measured(path)}
+
+
+# -------------------------------------------------------------------------------- stops and kills
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_a_stop_request_saves_and_the_same_command_resumes_exactly(
+    sig: int,
+    code: int,
+    mnist_dir: Path,
+    tmp_path: Path,
+    reference: list[tuple],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3")
+    checkpoint = out / "checkpoints" / "aevb_nz2.pt"
+    status, stdout, stderr = stop_at_first_checkpoint(args, checkpoint, sig)
+    assert status == code, stderr
+    assert "run the same command again to continue" in stderr and "Traceback" not in stderr
+    # the wall time so far, without an estimate that the stop left unknown
+    assert re.search(r"^wall time: \d+ s$", stdout, re.MULTILINE), stdout
+    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    # both runs were in flight together: both are interrupted, the first after an evaluation
+    assert [r["status"] for r in runs] == ["interrupted", "interrupted"] and runs[0]["evals"]
+    assert (out / rf.FIGURE_NAME).exists() and checkpoint.exists()
+
+    assert rf.main(args) == 0
+    printed = capsys.readouterr().out
+    resumed = re.search(r"\[aevb N_z=2\] resumed from its checkpoint at ([\d,]+) samples", printed)
+    assert resumed, printed
+    assert measured(out / rf.RESULTS_NAME)[:1] == reference
+    assert not checkpoint.exists()  # a finished run drops its checkpoint
+    # the evaluations from before the stop are not shown again
+    at = int(resumed.group(1).replace(",", ""))
+    shown = [line for line in printed.splitlines() if line.startswith("[aevb N_z=2] samples")]
+    assert len(shown) == len([e for e in reference[0][3] if e["samples"] > at])
+
+
+def test_a_kill_between_evaluation_points_frees_the_run_and_resumes_from_the_timed_checkpoint(
+    mnist_dir: Path, tmp_path: Path, reference: list[tuple], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args = resumable_args(mnist_dir, out, "--checkpoint-every", "0.05")
+    points = set(rf.schedule_of(rf.parse_config(args)))
+    checkpoint, run_file = out / "checkpoints" / "aevb_nz2.pt", out / "runs" / "aevb_nz2.json"
+
+    def between_points() -> bool:
+        with contextlib.suppress(FileNotFoundError, RuntimeError, EOFError):
+            samples = torch.load(checkpoint, weights_only=True)["samples"]
+            return run_file.exists() and samples not in points
+        return False
+
+    with running(args) as proc:
+        wait_for(between_points, proc, "a checkpoint between evaluation points")
+        proc.kill()
+        proc.wait(timeout=60)
+    lock = out / "runs" / "aevb_nz2.lock"
+    assert lock.exists() and rf.lock_holder(str(lock)) is None  # the kill released it
+    assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
+    (run,) = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    assert run["status"] == "interrupted"  # "running" in its file, but nobody holds it
+
+    assert rf.main(args) == 0
+    assert "[aevb N_z=2] resumed from its checkpoint at" in capsys.readouterr().out
+    assert measured(out / rf.RESULTS_NAME) == reference
+    assert not checkpoint.exists()
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Pids of the multiprocessing workers of `parent` (its children running spawn_main)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == parent and b"spawn_main" in cmdline:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes"
+)
+def test_a_worker_killed_outright_fails_only_its_run(mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3", "--jobs", "2")
+    with running(args) as proc:
+        wait_for(lambda: any((out / "checkpoints").glob("*.pt")), proc, "a first checkpoint")
+        os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    assert sorted(r["status"] for r in runs) == ["done", "failed"]
+    failed = next(r for r in runs if r["status"] == "failed")
+    assert "exit status -9" in failed["error"] and f"N_z={failed['latent_dim']}] failed" in stderr
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
+    mnist_dir: Path,
+    tmp_path: Path,
+    reference: list[tuple],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out, real_fdopen, writes = tmp_path / "out", os.fdopen, []
+
+    class FullDisk(io.BufferedWriter):
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd: int, *args: object, **kwargs: object) -> object:
+        writes.append(fd)  # the first evaluation point's checkpoint, run file, JSON and PNG pass
+        return (
+            real_fdopen(fd, *args, **kwargs) if len(writes) <= 4 else FullDisk(io.FileIO(fd, "w"))
+        )
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    assert rf.main(resumable_args(mnist_dir, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on the device while writing ") and str(out) in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    kept = torch.load(out / "checkpoints" / "aevb_nz2.pt", weights_only=True)
+    assert kept["samples"] == rf.schedule_of(rf.parse_config(resumable_args(mnist_dir, out)))[0]
+    assert not list(out.rglob(".tmp-*"))  # the half-written files are gone
+    monkeypatch.setattr(os, "fdopen", real_fdopen)  # space freed
+    assert rf.main(resumable_args(mnist_dir, out)) == 0
+    assert measured(out / rf.RESULTS_NAME) == reference
+
+
+SAVE_THEN_HANG = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import reproduce_fig2 as rf
+store = rf.ResultsFolder({folder!r}, {{"x": 1}})
+key, json_path = rf.RunKey("aevb", 3), {json!r}
+rf.write_json_atomic({{"version": 1}}, json_path)
+store.save_state(key, {{"version": 1, "model": torch.zeros(3)}})
+
+
+def hang(fd):  # the new file is written but not yet in place: the kill comes now
+    print("saving", flush=True)
+    while True:
+        pass
+
+
+os.fsync = hang
+{save}
+"""
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        "rf.write_json_atomic({'version': 2, 'data': list(range(20000))}, json_path)",
+        "store.save_state(key, {'version': 2, 'model': torch.randn(300, 300)})",
+    ],
+    ids=["results", "checkpoint"],
+)
+def test_a_kill_during_a_save_leaves_the_previous_file_whole(tmp_path: Path, save: str) -> None:
+    paths = {"folder": str(tmp_path), "json": str(tmp_path / "r.json")}
+    code = SAVE_THEN_HANG.format(root=str(ROOT), save=save, **paths)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "saving"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"version": 1}
+    assert (
+        rf.ResultsFolder(str(tmp_path), {"x": 1}).load_state(rf.RunKey("aevb", 3))["version"] == 1
+    )
+
+
+def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
+    synthetic_data: rf.Data, tmp_path: Path
+) -> None:
+    cfg = tiny_config()
+    folder = rf.ResultsFolder(str(tmp_path), {"test": True})
+    with pytest.raises(rf.Interrupted):
+        try:
+            train_n_z3(
+                cfg,
+                synthetic_data,
+                on_keep=lambda key, run: rf.request_stop(signal.SIGINT, None),
+                folder=folder,
+            )
+        finally:
+            rf.STOP_REQUEST.clear()
+    ckpt = folder.load_state(rf.RunKey("aevb", 3))
+    assert ckpt is not None and ckpt["wall_seconds"] >= ckpt["run"]["evals"][-1]["wall_seconds"]
+    ckpt["wall_seconds"] = 1000.0  # as if it had trained for a long time after its last evaluation
+    folder.save_state(rf.RunKey("aevb", 3), {k: v for k, v in ckpt.items() if k != "fingerprint"})
+    run = train_n_z3(cfg, synthetic_data, folder=folder)
+    assert (
+        run["status"] == "done"
+        and run["evals"][0]["wall_seconds"] < 1000 < run["evals"][-1]["wall_seconds"]
+    )
+
+
+# -------------------------------------------------------------------------------- divergence
+def test_a_diverged_run_stops_alone_keeps_its_last_good_model_and_exits_3(
+    mnist_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    original = rf.aevb_step
+
+    def poisoned(vae: rf.VAE, opts: list, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        loss = original(vae, opts, x, gen)
+        steps = max(float(state["step"]) for state in opts[0].state.values())  # the run's own
+        # N_z = 2 from its first step; N_z = 3 after its first point (450 samples, 9 steps)
+        if vae.latent_dim == 2 or steps > 9:
+            with torch.no_grad():
+                vae.decoder[2].bias.fill_(math.nan)
+        return loss
+
+    monkeypatch.setitem(rf.STEPS, "aevb", poisoned)
+    out = tmp_path / "out"
+    assert rf.main(tiny_args(mnist_dir, out)) == 3
+    runs = {
+        (r["method"], r["latent_dim"]): r
+        for r in json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    }
+    assert [runs["aevb", nz]["status"] for nz in (2, 3)] == ["diverged", "diverged"]
+    assert runs["aevb", 2]["diverged_at"] == 450 and runs["aevb", 2]["evals"] == []
+    assert runs["aevb", 3]["diverged_at"] == 1000 and len(runs["aevb", 3]["evals"]) == 1
+    assert all(r["status"] == "done" for (method, _), r in runs.items() if method != "aevb")
+    err = capsys.readouterr().err
+    assert "warning: [aevb N_z=2] diverged" in err and "warning: [aevb N_z=3] diverged" in err
+    # its last good state, from its checkpoint, marked as such; none before a first point
+    assert not (out / "models" / "aevb_nz2.pt").exists()
+    saved = torch.load(out / "models" / "aevb_nz3.pt")
+    assert saved["diverged"] is True and saved["samples"] == 450
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    fig = rf.plot_results(json.loads((out / rf.RESULTS_NAME).read_text()), str(tmp_path / "f.png"))
+    assert len(fig.axes[0].get_lines()) == 2  # WS drawn; AEVB N_z = 2 has no good point to draw
+
+
+# -------------------------------------------------------------------------------- settings
+def test_a_finished_run_extended_gives_the_numbers_of_one_long_run(
+    finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = finished.copy(tmp_path / "out")  # 1,200 samples: not a point of 10,000
+    longer = ("--latent-dims", "2", "--samples", "10000")
+    assert rf.main(tiny_args(mnist_dir, out, *longer)) == 0
+    printed = capsys.readouterr().out
+    assert "[aevb N_z=2] extended from its end at 1,200 samples" in printed
+    assert "--fresh" not in printed
+    assert rf.main(tiny_args(mnist_dir, tmp_path / "one_go", *longer)) == 0
+    runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    extended = [r for r in runs if r["latent_dim"] == 2]
+    one_go = json.loads((tmp_path / "one_go" / rf.RESULTS_NAME).read_text())["runs"]
+    assert [r["method"] for r in extended] == [r["method"] for r in one_go] == list(rf.METHODS)
+    for run, alone in zip(extended, one_go, strict=True):
+        assert run["status"] == "done" and run["log_px"] == alone["log_px"]  # estimated again
+        evals = [without_wall(e) for e in run["evals"]]
+        assert 1200 in [e["samples"] for e in evals]  # measured before: kept
+        assert [e for e in evals if e["samples"] != 1200] == [
+            without_wall(e) for e in alone["evals"]
+        ]
+        saved = torch.load(out / "models" / f"{rf.RunKey.of(run).stem}.pt")
+        assert saved["samples"] == 10000 and saved["optimizers"] and "generator" in saved
+    # the runs not asked for stay as they were
+    assert [m for m in measured(out / rf.RESULTS_NAME) if m[1] == 3] == [
+        m for m in measured(finished.out / rf.RESULTS_NAME) if m[1] == 3
+    ]
+
+
+def test_a_folder_refuses_other_settings_in_one_line_and_not_those_that_keep_the_numbers(
+    finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = finished.copy(tmp_path / "out")
+    same_numbers = ("--threads", "2", "--jobs", "2", "--graph-steps", "9")
+    assert rf.main(tiny_args(mnist_dir, out, *same_numbers, "--lr-pilot-samples", "9")) == 0
+    assert capsys.readouterr().out.count("already done: skipped") == 4
+    (out / rf.RESULTS_NAME).unlink()  # only the run files tell, even of runs not asked for
+    assert rf.main(tiny_args(mnist_dir, out, "--latent-dims", "5", "--seed", "7")) == 2
+    err = capsys.readouterr().err
+    assert str(out / "runs" / "aevb_nz2.json") in err and "seed 1926 -> 7" in err
+    assert "--fresh" in err and len(err.strip().splitlines()) == 1
+    assert rf.main(tiny_args(mnist_dir, out, "--hidden-size", "17")) == 2
+    assert "hidden_size 16 -> 17" in capsys.readouterr().err
+
+
+def test_an_unreadable_checkpoint_is_reported_not_discarded(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args = tiny_args(mnist_dir, out, "--latent-dims", "2", "--methods", "aevb")
+    ckpt = out / "checkpoints" / "aevb_nz2.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"model": torch.zeros(1000)}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # cut short, as a crash of the disk leaves it
+    assert rf.main(args) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "cannot be read" in err and "--fresh" in err
+    assert ckpt.stat().st_size == 1000  # still there, untouched
+    assert rf.main([*args, "--fresh"]) == 0
+    assert [p.name for p in out.glob("checkpoints.*/aevb_nz2.pt")] == ["aevb_nz2.pt"]  # kept aside
+
+
+# -------------------------------------------------------------------------------- shared folders
+def test_two_invocations_sharing_a_folder_lose_nothing(
+    mnist_dir: Path, tmp_path: Path, reference: list[tuple]
+) -> None:
+    out = tmp_path / "out"
+    first = resumable_args(mnist_dir, out, "--latent-dims", "2", "3")
+    second = resumable_args(mnist_dir, out, "--latent-dims", "4")
+    with running(first) as a:
+        wait_for((out / "runs" / "aevb_nz2.json").exists, a, "its first evaluation")
+        with running(second) as b:
+            assert b.wait(timeout=120) == 0, b.communicate()[1]
+        assert a.wait(timeout=120) == 0, a.communicate()[1]
+    shared = by_run(out / rf.RESULTS_NAME)
+    assert sorted(shared) == [("aevb", 2), ("aevb", 3), ("aevb", 4)]
+    points = rf.schedule_of(rf.parse_config(first))
+    for status, evals in shared.values():
+        assert status == "done" and [e["samples"] for e in evals] == points
+    assert [("aevb", 2, *shared["aevb", 2])] == reference
+
+
+def test_a_run_another_invocation_trains_is_left_to_it_and_the_same_command_finishes_it(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args = tiny_args(mnist_dir, out, "--methods", "aevb")  # N_z = 2 and 3
+    other = rf.RunLock(str(out / "runs" / "aevb_nz2.lock"))  # another invocation, on N_z = 2
+    assert other.acquire() is None
+    try:
+        assert rf.main(args) == 0
+    finally:
+        other.release()
+    printed = capsys.readouterr().out
+    holder = f"{socket.gethostname()} pid {os.getpid()}"
+    assert f"[aevb N_z=2] skipped: {holder} is training it" in printed
+    assert f"left to another process: [aevb N_z=2], held by {holder}" in printed
+    assert "[aevb N_z=2] training on" not in printed and "[aevb N_z=3] training on" in printed
+    assert by_run(out / rf.RESULTS_NAME)["aevb", 3][0] == "done"
+    # the holder gone (its run not done), the same command trains what is left, once
+    assert rf.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[aevb N_z=3] already done: skipped" in printed
+    assert printed.count("] training on ") == 1 and "[aevb N_z=2] training on" in printed
+    assert all(status == "done" for status, _ in by_run(out / rf.RESULTS_NAME).values())
