@@ -1532,14 +1532,16 @@ class ResultsFolder:
         """Keep a run as it stands, after each evaluation, at its end and between points: its
         checkpoint (once it ended, its final model instead), then its run file, then its lines
         on the screen."""
+        saved = False
         if run.status in ("running", "interrupted"):
             self.save_state(run.key, run_state(run))  # before the run file: a kill loses nothing
         elif run.status in FINISHED:
-            self.save_model(run)
+            saved = self.save_model(run)
         if run.status == "diverged":
+            kept = f", its last good state is kept in {self.models_dir}" if saved else ""
             print(
                 f"warning: [{run.key.name}] diverged (non-finite loss or ELBO) at "
-                f"{run.samples:,} samples; this run stops here, its last good checkpoint is kept",
+                f"{run.samples:,} samples; this run stops here{kept}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -1578,20 +1580,21 @@ class ResultsFolder:
         model was saved with (a run done at fewer samples, extended), else None."""
         return self.load_state(key) or self.load_state(key, self.models_dir)
 
-    def save_model(self, run: Run) -> None:
+    def save_model(self, run: Run) -> bool:
         """Write a run's final model to models/ with the whole state the run ended in (a longer
         run goes on from it); a diverged run's is the last good state from its checkpoint,
-        marked as diverged (none if it diverged before one)."""
+        marked as diverged (none if it diverged before one: False)."""
         diverged = run.status == "diverged"
         if diverged:
             if (state := self.load_state(run.key)) is None:
-                return
+                return False
             del state["fingerprint"]
         else:
             state = run_state(run)
         hidden_size = run.vae.decoder[0].out_features  # the first decoder layer's width
         about = {"hidden_size": hidden_size, "seed": run.record["seed"], "diverged": diverged}
         self.save_state(run.key, state | run.key._asdict() | about, self.models_dir)
+        return True
 
     def remove_checkpoint(self, key: RunKey) -> None:
         """Drop a finished run's checkpoint, and the checkpoint folder once it is empty."""
@@ -2027,9 +2030,9 @@ def say_estimate(cfg: Config, runs: int, at_a_time: int, seconds: float) -> None
 
 def fmt_duration(seconds: float) -> str:
     """A duration as people say it: '45 s', '12 min', '2 h 05 min'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
+    if (whole := round(seconds)) < 90:
+        return f"{whole} s"
+    minutes = (whole + 30) // 60  # halves up: 90 s is 2 min
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 

@@ -278,7 +278,9 @@ def test_a_diverged_run_stops_alone_keeps_its_last_good_model_and_exits_3(
     assert runs["aevb", 3]["diverged_at"] == 1000 and len(runs["aevb", 3]["evals"]) == 1
     assert all(r["status"] == "done" for (method, _), r in runs.items() if method != "aevb")
     err = capsys.readouterr().err
-    assert "warning: [aevb N_z=2] diverged" in err and "warning: [aevb N_z=3] diverged" in err
+    warned = {line.split("]")[0]: line for line in err.splitlines() if "diverged" in line}
+    assert "last good state" not in warned["warning: [aevb N_z=2"]  # it had none
+    assert f"its last good state is kept in {out / 'models'}" in warned["warning: [aevb N_z=3"]
     # its last good state, from its checkpoint, marked as such; none before a first point
     assert not (out / "models" / "aevb_nz2.pt").exists()
     saved = torch.load(out / "models" / "aevb_nz3.pt")
