@@ -119,15 +119,18 @@ def test_weight_decay_shrinks_a_parameter_without_data_gradient(synthetic_data: 
     assert float((w[:, 0].detach() - before).abs().min()) > 0.019  # it moved by about one step size
 
 
-def test_wake_step_climbs_log_p_x_given_z_moving_only_the_decoder(synthetic_data: rf.Data) -> None:
+def wake_sleep_model() -> tuple[rf.VAE, rf.VAE, list, list[torch.Tensor], list[torch.Tensor]]:
+    """A small VAE, an untouched twin, its wake-sleep optimisers (decoder, encoder) and copies
+    of its encoder's and decoder's parameters."""
     torch.manual_seed(0)
     vae = rf.build_vae(3, 16, init_std=0.2)
-    twin = copy.deepcopy(vae)
-    dec_opt, _ = rf.make_optimizers(vae, "wake-sleep", 0.02, fused=True)
-    enc_before, dec_before = (
-        params_of(vae.encoder) + params_of(vae.sampling_layer),
-        params_of(vae.decoder),
-    )
+    opts = rf.make_optimizers(vae, "wake-sleep", 0.02, fused=True)
+    encoder = params_of(vae.encoder) + params_of(vae.sampling_layer)
+    return vae, copy.deepcopy(vae), opts, encoder, params_of(vae.decoder)
+
+
+def test_wake_step_climbs_log_p_x_given_z_moving_only_the_decoder(synthetic_data: rf.Data) -> None:
+    vae, twin, (dec_opt, _), enc_before, dec_before = wake_sleep_model()
     x = rf.pixels(synthetic_data.train[:30])
     loss = rf.wake_step(vae, dec_opt, x, torch.Generator().manual_seed(7))
     assert all(unchanged(enc_before, rf.encoder_parameters(vae)))
@@ -145,14 +148,7 @@ def test_wake_step_climbs_log_p_x_given_z_moving_only_the_decoder(synthetic_data
 
 
 def test_sleep_step_moves_only_the_encoder_and_its_loss_is_log_q() -> None:
-    torch.manual_seed(0)
-    vae = rf.build_vae(3, 16, init_std=0.2)
-    twin = copy.deepcopy(vae)
-    _, enc_opt = rf.make_optimizers(vae, "wake-sleep", 0.02, fused=True)
-    enc_before, dec_before = (
-        params_of(vae.encoder) + params_of(vae.sampling_layer),
-        params_of(vae.decoder),
-    )
+    vae, twin, (_, enc_opt), enc_before, dec_before = wake_sleep_model()
     loss = rf.sleep_step(vae, enc_opt, 20, torch.Generator().manual_seed(42))
     assert all(unchanged(dec_before, vae.decoder.parameters()))
     assert not any(unchanged(enc_before, rf.encoder_parameters(vae)))
