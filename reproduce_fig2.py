@@ -80,11 +80,11 @@ IW_SAMPLES: int = 100  # K, importance samples per test image of the final log p
 IW_DECODES_PER_PASS: int = 50_000  # z draws per batch of the log p(x) estimate (its noise)
 IW_DECODES_AT_ONCE: int = 5_000  # of which decoded at once (memory; the same numbers)
 DEVICE: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
-THREADS: int = 0  # CPU threads per run; 0 shares the cores among the runs in flight
+THREADS: int = 0  # CPU threads per process; 0 shares the cores among the processes in flight
 JOBS: int = 0  # CPU: runs side by side in worker processes; 0: a worker per core (memory allowing)
 CHECKPOINT_EVERY: float = 600.0  # seconds of training between checkpoints, besides one per point
 GRAPH_STEPS: int = 50  # CUDA: training steps per CUDA graph, replayed as one launch; 0: no graphs
-ESTIMATE_STEPS: int = 20  # timed steps per run for the time estimate (CUDA: 4 graph launches)
+ESTIMATE_STEPS: int = 20  # timed steps per run for the time estimate (CUDA: at least 4 replays)
 
 FIGURE_NAME = "vae_mnist_fig2_repro.png"  # figure written to OUT_DIR
 FIGURE_EVERY_S = 60.0  # while training, the figure is redrawn at most this often (and at the end)
@@ -94,7 +94,7 @@ CHECKPOINTS_FOLDER = "checkpoints"  # under OUT_DIR: the state of every unfinish
 MODELS_FOLDER = "models"  # under OUT_DIR: the final model of every finished run
 SAMPLES_NAME = "vae_mnist_samples.png"  # samples and reconstructions of the final models
 SHOW_DIGITS = 10  # digits per row of the samples picture
-WORKER_MEMORY = 800 * 2**20  # bytes a CPU worker takes at its peak (0.7 GiB measured, see README)
+WORKER_MEMORY = 800 * 2**20  # bytes a CPU worker may take (0.74 GB measured: docs/reference.md)
 PAPER_YLIM = (-150.0, -95.0)  # the paper's vertical range; lines that leave it are clipped
 PAPER_XLIM = (1e5, 1e8)  # the paper's horizontal range (training samples, log scale)
 METHOD_STYLE = {"aevb": ("AEVB", "tab:red"), "wake-sleep": ("WS", "tab:blue")}  # legend, colour
@@ -173,7 +173,9 @@ class Config:
     )
     device: str = flag(DEVICE, "where to train", choices=("auto", "cpu", "cuda"))
     threads: int = flag(
-        THREADS, "CPU threads per run (0: the cores shared among the runs in flight)", type=int
+        THREADS,
+        "CPU threads per process (0: the cores shared among the processes in flight)",
+        type=int,
     )
     jobs: int = flag(
         JOBS,
@@ -866,7 +868,8 @@ def advance_keeping(
         if all(run.samples == point for run in runs):
             return True
         for run in runs:
-            keep(run)
+            if torch.isfinite(run.loss):  # a diverging run keeps its last good checkpoint
+                keep(run)
     return False
 
 
@@ -1344,8 +1347,8 @@ def package_versions() -> dict[str, str]:
 def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
     """What a results folder fixes: everything that changes a run's numbers or its evaluation
     points (settings, constants, data, device kind, the versions of the packages that compute
-    them), and nothing that cannot (--samples, which extends runs, threads, the step mode,
-    which each run records and keeps, or the pilots' length with a fixed step size)."""
+    them), and nothing that cannot (--samples, which extends runs, threads, --jobs,
+    --graph-steps, or the pilots' length with a fixed step size)."""
     settings = ("eval_start", "evals_per_decade", "lr", "batch_size", "hidden_size")
     settings += ("binarize", "seed") + ("lr_pilot_samples",) * (cfg.lr == "auto")
     versions = package_versions()
@@ -1663,7 +1666,7 @@ class ResultsFolder:
         with self.exclusive():
             on_disk = self.read()
             runs = [on_disk.pop(key, pending_record(key)) for key in self.keys]
-            runs += sorted(on_disk.values(), key=figure_order)  # runs of other settings stay
+            runs += sorted(on_disk.values(), key=figure_order)  # other configurations' runs
             results = self.header | {"fingerprint": self.fingerprint}
             results["runs"] = [self.shown(run) for run in runs]
             write_json_atomic(results, os.path.join(self.out_dir, RESULTS_NAME))
@@ -1702,7 +1705,12 @@ def open_results(
         if ended(run, end):
             log(f"[{key.name}] already {run['status']}: skipped")
         else:
-            folder.resume_state(key)  # refused now, before any work, if it cannot be used
+            state = folder.resume_state(key)  # refused now, before any work, if unusable
+            if state and state["samples"] > end:
+                raise CheckpointError(
+                    f"[{key.name}] has trained {state['samples']:,} samples, beyond --samples "
+                    f"{cfg.samples:,}; ask for at least that many, or pass --fresh to start over"
+                )
             todo.append(key)
     return folder, on_disk, todo
 
@@ -1942,14 +1950,14 @@ def advance_by(runs: list[Run], steps: int, advance: Advance) -> None:
         float(run.loss)  # waits for the device
 
 
-def seconds_per_step(runs: list[Run], advance: Advance) -> float:
-    """Seconds per training step of all `runs` together on `advance`, timed after a warm-up
-    (first-call allocations); the runs are then put back."""
+def seconds_per_step(runs: list[Run], advance: Advance, graph_steps: int = 0) -> float:
+    """Seconds per training step of all `runs` together on `advance` (CUDA graphs of
+    `graph_steps` steps, or eager steps), timed after a warm-up (first-call allocations, a
+    first replay); the runs are then put back."""
     saved = [run_state(run) for run in runs]
-    cpu = runs[0].batches.images.device.type == "cpu"
-    steps = ESTIMATE_STEPS if cpu else max(ESTIMATE_STEPS, 4 * GRAPH_STEPS)
+    steps = max(ESTIMATE_STEPS, 4 * graph_steps)
     try:
-        advance_by(runs, 1 if cpu else GRAPH_STEPS, advance)
+        advance_by(runs, graph_steps or 1, advance)
         start = time.perf_counter()
         advance_by(runs, steps, advance)
         return (time.perf_counter() - start) / steps
@@ -1989,7 +1997,7 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
         runs = [new_run(key, timing, cfg, data) for key in todo]
         if not runs:
             return 0.0
-        step_s = seconds_per_step(runs, advance_on(runs, cfg))
+        step_s = seconds_per_step(runs, advance_on(runs, cfg), graph_steps=cfg.graph_steps)
         eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
         steps = max((schedule_of(cfg)[-1] - done[key]) // cfg.batch_size for key in todo)
         evaluations = sum(seconds_left(cfg, data, done[key], 0.0, eval_s) for key in todo)
@@ -2085,6 +2093,11 @@ def parse_config(argv: list[str] | None = None) -> Config:
         )
     if a.jobs < 0:
         parser.error(f"--jobs {a.jobs} is negative; use 0 for one worker per core, or a count")
+    if a.fresh and a.run_index is not None:
+        parser.error(
+            "--fresh with --run-index would set aside the files of the other tasks; empty or "
+            "move the folder once before submitting the array instead"
+        )
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             "--device cuda was asked for but CUDA is not available here; use --device cpu or auto"
@@ -2194,7 +2207,7 @@ def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
     ours = [r for r in results["runs"] if RunKey.of(r) in selected_runs(cfg)]
     if not code and any(r["status"] != "done" for r in ours if RunKey.of(r) not in left):
         code = 3
-    pictures = draw_samples(cfg.out_dir, data.test_eval, cfg.seed)
+    pictures = draw_samples(cfg.out_dir, load_split(cfg.data_dir, "test", False), cfg.seed)
     print(results_table(results))
     took = time.perf_counter() - started
     estimated = f" (estimated {fmt_duration(estimate)})" if estimate else ""  # none if stopped

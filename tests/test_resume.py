@@ -396,3 +396,19 @@ def test_a_run_another_invocation_trains_is_left_to_it_and_the_same_command_fini
     assert "[aevb N_z=3] already done: skipped" in printed
     assert printed.count("] training on ") == 1 and "[aevb N_z=2] training on" in printed
     assert all(status == "done" for status, _ in by_run(out / rf.RESULTS_NAME).values())
+
+
+def test_an_unfinished_run_beyond_a_smaller_samples_is_refused_in_one_line(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = tiny_args(mnist_dir, tmp_path / "out", "--samples", "300")
+    cfg, cpu = rf.parse_config(args), torch.device("cpu")
+    data = rf.load_data(str(mnist_dir), cpu, False, cfg.seed, verify=False, download=False)
+    folder = rf.ResultsFolder(cfg.out_dir, rf.fingerprint(cfg, data, cpu))
+    folder.save_state(rf.RunKey("aevb", 2), {"samples": 500})  # as if stopped at 500 samples
+    assert rf.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: [aevb N_z=2] has trained 500 samples, beyond --samples 300; ask for at least "
+        "that many, or pass --fresh to start over"
+    )

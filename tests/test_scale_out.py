@@ -98,3 +98,12 @@ def test_decoding_fewer_draws_at_once_for_memory_gives_the_same_log_px(
     at_once = rf.estimate_log_px(vae, x, k=20, seed=5)
     monkeypatch.setattr(rf, "IW_DECODES_AT_ONCE", 7)  # a few draws of one image at a time
     assert rf.estimate_log_px(vae, x, k=20, seed=5) == at_once
+
+
+def test_fresh_with_a_run_index_is_refused_before_it_sets_aside_other_tasks_files(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        rf.main(tiny_args(mnist_dir, tmp_path / "out", "--run-index", "0", "--fresh"))
+    assert exit_info.value.code == 2
+    assert "--fresh with --run-index" in capsys.readouterr().err
