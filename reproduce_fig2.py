@@ -1393,13 +1393,14 @@ def load_models(out_dir: str) -> dict[RunKey, dict]:
     return models
 
 
-def draw_samples(out_dir: str, digits: torch.Tensor, seed: int) -> str | None:
-    """Draw the samples picture from the saved models; its path, or None without models."""
-    models = load_models(out_dir)
+def draw_samples(cfg: Config) -> str | None:
+    """Draw the samples picture from the models saved in --out-dir, with grey-level test digits
+    read from --data-dir only then; its path, or None without models."""
+    models = load_models(cfg.out_dir)
     if not models:
         return None
-    path = os.path.join(out_dir, SAMPLES_NAME)
-    plot_samples(models, digits, path, seed)
+    path = os.path.join(cfg.out_dir, SAMPLES_NAME)
+    plot_samples(models, load_split(cfg.data_dir, "test", cfg.verify_data), path, cfg.seed)
     return path
 
 
@@ -2130,12 +2131,11 @@ def plot_only(cfg: Config) -> int:
         return 2
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
     print(f"figure: {png_path}" + f"\nresults: {json_path}" * rebuilt)
-    if load_models(cfg.out_dir):  # the samples picture needs the test digits
-        try:
-            digits = load_split(cfg.data_dir, "test", cfg.verify_data)
-            print(f"samples: {draw_samples(cfg.out_dir, digits, cfg.seed)}")
-        except (OSError, DataError) as exc:
-            print(f"notice: {SAMPLES_NAME} not redrawn: no MNIST test set ({exc})")
+    try:
+        if pictures := draw_samples(cfg):
+            print(f"samples: {pictures}")
+    except (OSError, DataError) as exc:  # the samples picture needs the test digits
+        print(f"notice: {SAMPLES_NAME} not redrawn: no MNIST test set ({exc})")
     return 0
 
 
@@ -2204,10 +2204,11 @@ def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
         except Interrupted as exc:
             code = exc.code
         results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
-    ours = [r for r in results["runs"] if RunKey.of(r) in selected_runs(cfg)]
+    selected = selected_runs(cfg)
+    ours = [r for r in results["runs"] if RunKey.of(r) in selected]
     if not code and any(r["status"] != "done" for r in ours if RunKey.of(r) not in left):
         code = 3
-    pictures = draw_samples(cfg.out_dir, load_split(cfg.data_dir, "test", False), cfg.seed)
+    pictures = draw_samples(cfg)
     print(results_table(results))
     took = time.perf_counter() - started
     estimated = f" (estimated {fmt_duration(estimate)})" if estimate else ""  # none if stopped
