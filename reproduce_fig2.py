@@ -1580,9 +1580,10 @@ class ResultsFolder:
         return state
 
     def resume_state(self, key: RunKey) -> dict | None:
-        """Where an unfinished run goes on from: its checkpoint, else the whole state its final
-        model was saved with (a run done at fewer samples, extended), else None."""
-        return self.load_state(key) or self.load_state(key, self.models_dir)
+        """Where an unfinished run goes on from: the further of its checkpoint and the whole
+        state its final model was saved with (a run done at fewer samples, extended), or None."""
+        states = [s for s in (self.load_state(key), self.load_state(key, self.models_dir)) if s]
+        return max(states, key=lambda state: state["samples"], default=None)
 
     def save_model(self, run: Run) -> bool:
         """Write a run's final model to models/ with the whole state the run ended in (a longer
@@ -2002,7 +2003,9 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
         eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
         steps = max((schedule_of(cfg)[-1] - done[key]) // cfg.batch_size for key in todo)
         evaluations = sum(seconds_left(cfg, data, done[key], 0.0, eval_s) for key in todo)
-        return (steps + pilots * sum(not done[key] for key in todo)) * step_s + evaluations
+        new_runs = sum(not done[key] for key in todo)  # their pilots train one by one, eagerly
+        pilot_s = seconds_per_step(runs[:1], advance_eagerly) * pilots if pilots else 0.0
+        return steps * step_s + evaluations + new_runs * (pilot_s + eval_s * bool(pilots))
     step_s: dict[tuple[str, int, int], float] = {}
     eval_s: dict[int, float] = {}
 
@@ -2145,20 +2148,23 @@ def train_runs(
     """Say how long it will take, then train the runs of `todo`: side by side in worker
     processes on a CPU, else all in flight in this process; the runs left to other processes,
     and the time estimate."""
-    at_a_time = side_by_side(cfg, data.train.device, len(todo))
+    at_a_time, threads_before = side_by_side(cfg, data.train.device, len(todo)), None
     if at_a_time == 1:
+        threads_before = torch.get_num_threads()  # put back after: main() may be called again
         torch.set_num_threads(cfg.threads or cpu_count())
-    seconds = estimate(cfg, data, todo, on_disk, at_a_time)
-    on_cpu = data.train.device.type == "cpu"
-    say_estimate(cfg, len(todo), at_a_time if on_cpu else len(todo), seconds)
     progress = Progress(schedule_of(cfg)[-1])
     try:
+        seconds = estimate(cfg, data, todo, on_disk, at_a_time)
+        on_cpu = data.train.device.type == "cpu"
+        say_estimate(cfg, len(todo), at_a_time if on_cpu else len(todo), seconds)
         if at_a_time > 1:
             return Workers(cfg, folder, progress, at_a_time).train(todo), seconds
         here = dataclasses.replace(folder, show=progress.show)
         return train_in_this_process(todo, cfg, data, here), seconds
     finally:
         progress.close()
+        if threads_before:
+            torch.set_num_threads(threads_before)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,7 +167,6 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
             assert rf.main(tiny_args(data_dir, out)) == 0
     finally:
         os.umask(umask)
-        torch.set_num_threads(1)
     return Finished(out, data_dir, printed.getvalue())
 
 

@@ -296,6 +296,13 @@ def test_a_finished_run_extended_gives_the_numbers_of_one_long_run(
 ) -> None:
     out = finished.copy(tmp_path / "out")  # 1,200 samples: not a point of 10,000
     longer = ("--latent-dims", "2", "--samples", "10000")
+    # a kill between a run's last writes leaves an earlier checkpoint beside its final model
+    assert (
+        rf.main(tiny_args(mnist_dir, tmp_path / "short", "--latent-dims", "2", "--samples", "1000"))
+        == 0
+    )
+    (out / "checkpoints").mkdir()
+    os.replace(tmp_path / "short" / "models" / "aevb_nz2.pt", out / "checkpoints" / "aevb_nz2.pt")
     assert rf.main(tiny_args(mnist_dir, out, *longer)) == 0
     printed = capsys.readouterr().out
     assert "[aevb N_z=2] extended from its end at 1,200 samples" in printed
