@@ -2168,7 +2168,9 @@ def train_runs(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, load MNIST, train every run, save the JSON, draw the figure."""
+    """Parse the command line, load MNIST, train the runs left in --out-dir, print the table
+    and where the files are. The exit status: 0 all done, 1 bad data or a full disk, 2 bad
+    flags or files, 3 some run not done, 128 + signal when stopped."""
     cfg = parse_config(argv)
     if cfg.list_runs:
         for i, key in enumerate(runs_of(cfg)):
@@ -2184,23 +2186,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"the training set holds {len(data.train)} images, fewer than one minibatch "
                 f"({cfg.batch_size})"
             )
-    except DataError as exc:
+        folder, on_disk, todo = open_results(cfg, data, device)  # refuses bad files now
+    except (DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    try:
-        return train_and_report(cfg, data, device)
-    except CheckpointError as exc:  # before any work
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (DiskFullError, CaptureError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
-    """Train the runs left in --out-dir, then print the table and where the files are; the
-    exit status (0 all done, 3 some run not done, 128 + signal when stopped)."""
-    folder, on_disk, todo = open_results(cfg, data, device)
+        return 1 if isinstance(exc, DataError) else 2
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
     log(f"training on {device}; results: {json_path}")
     started, code, left, estimate = time.perf_counter(), 0, {}, 0.0
@@ -2209,6 +2198,9 @@ def train_and_report(cfg: Config, data: Data, device: torch.device) -> int:
             left, estimate = train_runs(cfg, data, folder, todo, on_disk)
         except Interrupted as exc:
             code = exc.code
+        except (DiskFullError, CaptureError) as exc:  # the last checkpoints are kept
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
     selected = selected_runs(cfg)
     ours = [r for r in results["runs"] if RunKey.of(r) in selected]
