@@ -46,13 +46,15 @@ from typing import Any, NamedTuple
 
 import matplotlib
 import numpy as np
+import pyautoencoder
 import torch
 import torchvision
 from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from pyautoencoder.variational import VAE
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.functional import binary_cross_entropy_with_logits
+from torch.optim import Adagrad
 from tqdm import tqdm
 
 # ================================================================================ constants
@@ -112,7 +114,6 @@ def positive(kind: type) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"{text!r} must be positive")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
     return parse
 
 
@@ -244,12 +245,11 @@ class DataError(RuntimeError):
 
 @dataclass
 class Data:
-    """The three image sets a run needs, each one uint8 tensor [N, 1, 28, 28] on the device,
-    kept as bytes (a quarter of float32's memory) and made intensities by pixels() as used."""
+    """MNIST as uint8 [N, 1, 28, 28] tensors on the device (pixels() makes them intensities)."""
 
-    train: torch.Tensor  # what training draws minibatches from (grey levels)
-    train_eval: torch.Tensor  # the training set as scored by the evaluator
-    test_eval: torch.Tensor  # the test set as scored by the evaluator
+    train: Tensor  # what training draws minibatches from (grey levels)
+    train_eval: Tensor  # the training set as scored by the evaluator
+    test_eval: Tensor  # the test set as scored by the evaluator
     digest: str = ""  # SHA-256 of the four raw files, part of a run's fingerprint
 
 
@@ -276,7 +276,7 @@ def load_data(
     return Data(train, train, test.to(device), digest)
 
 
-def load_split(data_dir: str, split: str, verify: bool = True) -> torch.Tensor:
+def load_split(data_dir: str, split: str, verify: bool = True) -> Tensor:
     """One MNIST split's images as a CPU uint8 tensor [N, 1, 28, 28]."""
     folder = raw_folder(data_dir)
     for name in MNIST_FILES[split]:
@@ -296,7 +296,7 @@ def load_split(data_dir: str, split: str, verify: bool = True) -> torch.Tensor:
     return images.unsqueeze(1)
 
 
-def pixels(images: torch.Tensor) -> torch.Tensor:
+def pixels(images: Tensor) -> Tensor:
     """Images as float32 intensities in [0, 1]: bytes divided by 255 (float images as they are)."""
     return images if images.is_floating_point() else images.to(torch.float32).div_(255)
 
@@ -312,12 +312,7 @@ def check_idx_file(path: str) -> None:
         head = f.read(4)
         ndim = head[3] if len(head) == 4 else 0
         dims_raw = f.read(4 * ndim)
-    if (
-        len(head) < 4
-        or head[:3] != b"\x00\x00\x08"
-        or not 1 <= ndim <= 3
-        or len(dims_raw) < 4 * ndim
-    ):
+    if head[:3] != b"\x00\x00\x08" or not 1 <= ndim <= 3 or len(dims_raw) < 4 * ndim:
         raise DataError(
             f"{path} is not an IDX file of unsigned bytes (bad header): "
             "replace it with the original MNIST file"
@@ -348,8 +343,8 @@ def ensure_mnist(data_dir: str, download: bool = True) -> None:
                 torchvision.datasets.MNIST(data_dir, train=True, download=True)
             return
         except Exception as exc:  # noqa: BLE001 (any download failure becomes one readable line)
-            first = str(exc).strip().splitlines()
-            reason = f"the download failed ({type(exc).__name__}: {first[-1] if first else exc})"
+            lines = str(exc).strip().splitlines()
+            reason = f"the download failed ({type(exc).__name__}: {lines[-1] if lines else exc})"
         finally:
             socket.setdefaulttimeout(old_timeout)
     raise DataError(
@@ -359,7 +354,7 @@ def ensure_mnist(data_dir: str, download: bool = True) -> None:
     )
 
 
-def sha256_of(t: torch.Tensor) -> str:
+def sha256_of(t: Tensor) -> str:
     """SHA-256 of a uint8 tensor's bytes, as ../shared/mnist/README.md lists them."""
     return hashlib.sha256(t.to(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -374,10 +369,10 @@ def files_digest(data_dir: str) -> str:
 
 
 class Batches:
-    """Minibatches of a resident image tensor in a fresh random order each epoch, drawn by a
-    run's own generator. take() makes no decision on the host, so a CUDA graph can replay it."""
+    """Minibatches of resident images, reshuffled each epoch by the run's own generator.
+    take() makes no decision on the host, so a CUDA graph can replay it."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(self, images: Tensor, batch_size: int, generator: torch.Generator) -> None:
         self.images, self.batch_size, self.generator = images, batch_size, generator
         self.per_epoch = len(images) // batch_size  # the incomplete last batch is dropped
         device = images.device
@@ -396,7 +391,7 @@ class Batches:
             self.index.zero_()
         return self.per_epoch - self.pos
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> Tensor:
         """The next minibatch of this epoch, [batch_size, 1, 28, 28]."""
         x = pixels(self.images[self.order.index_select(0, self.index).view(-1)])
         self.index += 1
@@ -416,8 +411,7 @@ class Batches:
 
 # ================================================================================ model
 def build_vae(latent_dim: int, hidden_size: int = HIDDEN_SIZE, init_std: float = INIT_STD) -> VAE:
-    """The paper's MLP VAE (appendix C) on the CPU, every parameter drawn from N(0, init_std^2)
-    by torch's global generator."""
+    """The paper's MLP VAE (appendix C) on the CPU, parameters ~ N(0, init_std^2) by torch's RNG."""
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden_size), nn.Tanh())
     decoder = nn.Sequential(
         nn.Linear(latent_dim, hidden_size),
@@ -441,9 +435,7 @@ def encoder_parameters(vae: VAE) -> list[nn.Parameter]:
 # ================================================================================ ELBO evaluator
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Torch's global generators (the CPU's, and `device`'s if CUDA) seeded with `seed` inside
-    the block and restored after it, so that noise drawn there leaves every other stream as
-    it was."""
+    """Torch's global CPU (and CUDA) generators seeded with `seed` in the block, restored after."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.default_generator.manual_seed(seed)
         if device.type == "cuda":
@@ -452,17 +444,12 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def evaluate_elbo(
-    vae: VAE, images: torch.Tensor, seed: int = SEED, batch_size: int = EVAL_BATCH_SIZE
-) -> dict[str, float]:
-    """Average per-datapoint ELBO (nats) over `images`, with its log-likelihood and KL parts.
-
-    One z sample per datapoint (MC_SAMPLES), drawn with `seed`, so that every evaluation point
-    scores its model with the same noise.
-    """
+def evaluate_elbo(vae: VAE, images: Tensor, seed: int = SEED) -> dict[str, float]:
+    """Average per-datapoint ELBO (nats) over `images` and its parts; z drawn with `seed`, so
+    every evaluation point scores its model with the same noise."""
     totals = torch.zeros(3, dtype=torch.float64, device=images.device)
     with seeded(seed, images.device):
-        for x in map(pixels, images.split(batch_size)):
+        for x in map(pixels, images.split(EVAL_BATCH_SIZE)):
             d = vae.compute_loss(x, vae(x, S=MC_SAMPLES), likelihood="bernoulli").diagnostics
             parts = torch.stack([d["elbo"], d["log_likelihood"], d["kl_divergence"]])
             totals += parts.double() * len(x)
@@ -471,13 +458,9 @@ def evaluate_elbo(
 
 
 @torch.inference_mode()
-def estimate_log_px(vae: VAE, images: torch.Tensor, k: int = IW_SAMPLES, seed: int = SEED) -> float:
-    """Average log p(x) over `images` by importance weighting (Burda, Grosse & Salakhutdinov
-    2015): log of the mean over K draws z ~ q(z|x) of p(x|z) p(z) / q(z|x), per image.
-
-    A lower bound that tightens as K grows (K = 1 gives the ELBO in expectation). Log-weights
-    are summed with logsumexp in float64; the noise is drawn with `seed`.
-    """
+def estimate_log_px(vae: VAE, images: Tensor, k: int = IW_SAMPLES, seed: int = SEED) -> float:
+    """Average log p(x) over `images` by importance weighting (Burda et al. 2015): the log of
+    the mean of p(x|z) p(z) / q(z|x) over K draws z ~ q(z|x) per image, noise from `seed`."""
     device = images.device
     total = torch.zeros((), dtype=torch.float64, device=device)
     per_pass = max(1, IW_DECODES_PER_PASS // k)  # images per pass: K draws of z for each
@@ -492,9 +475,7 @@ def estimate_log_px(vae: VAE, images: torch.Tensor, k: int = IW_SAMPLES, seed: i
     return float(total / len(images))
 
 
-def log_weights(
-    vae: VAE, z: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor
-) -> torch.Tensor:
+def log_weights(vae: VAE, z: Tensor, x: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
     """log p(x|z) + log p(z) - log q(z|x) of draws z [D, B, N_z] of images x [B, 784]: [D, B]."""
     logits = vae.decoder(z.flatten(0, 1)).view(len(z), len(x), -1)
     bce = binary_cross_entropy_with_logits(logits, x.expand(len(z), -1, -1), reduction="none")
@@ -517,17 +498,17 @@ def evaluate_point(vae: VAE, data: Data, seed: int) -> dict[str, float]:
 
 
 # ================================================================================ training steps
-def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[torch.optim.Adagrad]:
+def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[Adagrad]:
     """Adagrad with the prior's weight decay: one for AEVB, decoder and encoder apart for WS."""
     if method == "aevb":
         groups = [list(vae.parameters())]
     else:
         groups = [list(vae.decoder.parameters()), encoder_parameters(vae)]
     kwargs = {"fused": True} if fused else {"foreach": True}
-    return [torch.optim.Adagrad(g, lr=lr, weight_decay=WEIGHT_DECAY, **kwargs) for g in groups]
+    return [Adagrad(g, lr=lr, weight_decay=WEIGHT_DECAY, **kwargs) for g in groups]
 
 
-def reparameterise(mu: torch.Tensor, log_var: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def reparameterise(mu: Tensor, log_var: Tensor, gen: torch.Generator) -> Tensor:
     """z = mu + sigma * eps with eps ~ N(0, I): MC_SAMPLES draws per datapoint, [B * L, N_z]."""
     shape = (len(mu), MC_SAMPLES, mu.shape[-1]) if MC_SAMPLES > 1 else mu.shape
     eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
@@ -536,40 +517,33 @@ def reparameterise(mu: torch.Tensor, log_var: torch.Tensor, gen: torch.Generator
     return (mu.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps).flatten(0, 1)
 
 
-def neg_log_px_given_z(vae: VAE, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) of the Bernoulli decoder, summed over pixels and datapoints, averaged over
-    the L draws of z."""
+def neg_log_px_given_z(vae: VAE, z: Tensor, x: Tensor) -> Tensor:
+    """-log p(x|z) of the Bernoulli decoder, summed over pixels and datapoints, mean over L z."""
     if MC_SAMPLES == 1:
         return binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
     x = x.repeat_interleave(MC_SAMPLES, dim=0)
     return binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum") / MC_SAMPLES
 
 
-def kl_to_prior(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+def kl_to_prior(mu: Tensor, log_var: Tensor) -> Tensor:
     """KL(q(z|x) || N(0, I)) in closed form (the paper's appendix B), summed over datapoints."""
     return 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()
 
 
-def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+def gaussian_log_density(z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
     """log N(z; mu, diag(exp(log_var))) summed over the last dimension."""
     return -0.5 * (math.log(2 * math.pi) + log_var + (z - mu).pow(2) * torch.exp(-log_var)).sum(-1)
 
 
-def aevb_loss(vae: VAE, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """-ELBO per datapoint of minibatch x by the SGVB estimator B: closed-form KL, L z draws.
-
-    The same objective as pyautoencoder's `VAE.compute_loss` (a test holds them equal), taken
-    through the model's own encoder, Gaussian head and decoder without its generic sample
-    dimension and diagnostics, which cost time at every step.
-    """
+def aevb_loss(vae: VAE, x: Tensor, gen: torch.Generator) -> Tensor:
+    """-ELBO per datapoint of minibatch x by the SGVB estimator B (closed-form KL, L z draws)."""
+    # VAE.compute_loss's objective (a test holds them equal) without its per-step overhead
     mu, log_var = vae.sampling_layer.get_params(vae.encoder(x))
     z = reparameterise(mu, log_var, gen)
     return (neg_log_px_given_z(vae, z, x) + kl_to_prior(mu, log_var)) / len(x)
 
 
-def aevb_step(
-    vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor, gen: torch.Generator
-) -> torch.Tensor:
+def aevb_step(vae: VAE, opts: list[Adagrad], x: Tensor, gen: torch.Generator) -> Tensor:
     """One AEVB step on minibatch x: Adagrad on encoder and decoder together; returns -ELBO."""
     (opt,) = opts
     opt.zero_grad(set_to_none=True)
@@ -579,9 +553,7 @@ def aevb_step(
     return loss.detach()
 
 
-def wake_step(
-    vae: VAE, opt: torch.optim.Adagrad, x: torch.Tensor, gen: torch.Generator
-) -> torch.Tensor:
+def wake_step(vae: VAE, opt: Adagrad, x: Tensor, gen: torch.Generator) -> Tensor:
     """Wake phase: z ~ q(z|x) held fixed, the decoder climbs log p(x|z); returns -log p(x|z)."""
     with torch.no_grad():
         z = reparameterise(*vae.sampling_layer.get_params(vae.encoder(x)), gen)
@@ -592,9 +564,7 @@ def wake_step(
     return loss.detach()
 
 
-def sleep_step(
-    vae: VAE, opt: torch.optim.Adagrad, batch_size: int, gen: torch.Generator
-) -> torch.Tensor:
+def sleep_step(vae: VAE, opt: Adagrad, batch_size: int, gen: torch.Generator) -> Tensor:
     """Sleep phase: a fantasy (z, x) from the generative model, the encoder climbs log q(z|x)."""
     device = next(vae.parameters()).device
     with torch.no_grad():
@@ -608,15 +578,13 @@ def sleep_step(
     return loss.detach()
 
 
-def wake_sleep_step(
-    vae: VAE, opts: list[torch.optim.Adagrad], x: torch.Tensor, gen: torch.Generator
-) -> torch.Tensor:
+def wake_sleep_step(vae: VAE, opts: list[Adagrad], x: Tensor, gen: torch.Generator) -> Tensor:
     """One wake-sleep step on minibatch x (decoder, then encoder); returns the summed losses."""
     dec_opt, enc_opt = opts
     return wake_step(vae, dec_opt, x, gen) + sleep_step(vae, enc_opt, len(x), gen)
 
 
-Step = Callable[[VAE, list[torch.optim.Adagrad], torch.Tensor, torch.Generator], torch.Tensor]
+Step = Callable[[VAE, list[Adagrad], Tensor, torch.Generator], Tensor]
 STEPS: dict[str, Step] = {"aevb": aevb_step, "wake-sleep": wake_sleep_step}  # by method
 
 
@@ -679,16 +647,14 @@ def runs_of(cfg: Config) -> list[RunKey]:
 
 
 def selected_runs(cfg: Config) -> list[RunKey]:
-    """The runs this invocation trains: every run of the configuration, or with --run-index
-    the one of that index."""
+    """The runs this invocation trains: all, or with --run-index the one of that index."""
     runs = runs_of(cfg)
     return runs if cfg.run_index is None else [runs[cfg.run_index]]
 
 
 def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -> int:
-    """A run's own seed, derived from (seed, method, N_z, seed index) so that no run depends on
-    another (the first seed of a setting leaves the index out of the derivation)."""
-    text = f"{seed}/{method}/{latent_dim}" + f"/{seed_index}" * bool(seed_index)
+    """A run's own seed, hashed from (seed, method, N_z, seed index): no run depends on another."""
+    text = f"{seed}/{method}/{latent_dim}" + f"/{seed_index}" * bool(seed_index)  # 0: left out
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
@@ -706,18 +672,18 @@ class Clock:
 
 @dataclass
 class Run:
-    """One run in flight: its record (what its run file holds), its model and optimisers, its
-    minibatches and the generator of all its training noise, and how far it has trained."""
+    """One run in flight: its record (its run file's content), model, optimisers, minibatches,
+    the generator of all its training noise, and how far it has trained."""
 
     key: RunKey
     record: dict
     vae: VAE
-    opts: list[torch.optim.Adagrad]
+    opts: list[Adagrad]
     batches: Batches
     gen: torch.Generator
-    step: Callable[[], torch.Tensor]  # one training step on the next minibatch; returns its loss
+    step: Callable[[], Tensor]  # one training step on the next minibatch; returns its loss
     samples: int = 0
-    loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # of its latest step
+    loss: Tensor = field(default_factory=lambda: torch.zeros(()))  # of its latest step
     clock: Clock = field(default_factory=Clock)
 
     @property
@@ -727,9 +693,7 @@ class Run:
 
 
 def new_run(key: RunKey, record: dict, cfg: Config, data: Data) -> Run:
-    """The run of `record` at its start, on the data's device: the model initialised from its
-    seed, its optimisers, its minibatches and training step, all its noise drawn by one
-    generator of its own."""
+    """The run of `record` at its start, on the data's device; all its noise from one generator."""
     seed, device = record["seed"], data.train.device
     with seeded(seed, torch.device("cpu")):
         vae = build_vae(key.latent_dim, cfg.hidden_size).to(device)
@@ -743,7 +707,7 @@ def new_run(key: RunKey, record: dict, cfg: Config, data: Data) -> Run:
     batches = Batches(data.train, cfg.batch_size, gen)
     method_step, binarize = STEPS[key.method], cfg.binarize
 
-    def step() -> torch.Tensor:
+    def step() -> Tensor:
         x = batches.take()
         return method_step(vae, opts, torch.bernoulli(x, generator=gen) if binarize else x, gen)
 
@@ -751,8 +715,7 @@ def new_run(key: RunKey, record: dict, cfg: Config, data: Data) -> Run:
 
 
 def run_state(run: Run) -> dict:
-    """A copy of everything the run needs to go on exactly as it would have: its record,
-    samples, clock, model, optimisers, minibatch order and generator."""
+    """A copy of everything the run needs to go on exactly as it would have."""
     return {
         "run": copy.deepcopy(run.record),
         "samples": run.samples,
@@ -779,8 +742,7 @@ def load_run_state(run: Run, state: dict) -> None:
 
 
 def start_run(key: RunKey, cfg: Config, data: Data, checkpoint: dict | None) -> Run:
-    """A run ready to train: new (its step size picked by pilots with --lr auto), or where its
-    checkpoint (or the state of its final model, to extend it) stopped; its threads recorded."""
+    """A run ready to train: new (--lr auto: pilots pick its step size), or from `checkpoint`."""
     threads = torch.get_num_threads()
     if checkpoint:
         record = checkpoint["run"] | {"status": "running", "threads": threads}
@@ -805,21 +767,9 @@ def start_run(key: RunKey, cfg: Config, data: Data, checkpoint: dict | None) -> 
     return run
 
 
-STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
-
-
-class Interrupted(BaseException):
-    """Training stopped on request (Ctrl-C or SIGTERM); `code` is the exit status, 128 + signal."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
 def advance_eagerly(runs: list[Run], target: int, until: float = math.inf) -> bool:
-    """Train each run, one step after another, until it has seen `target` samples or the clock
-    (time.monotonic) passes `until`; False if a stop request came first (the runs then stand
-    where they stopped)."""
+    """Step each run to `target` samples, or until time.monotonic() passes `until`; False if a
+    stop request came first (the runs then stand where they stopped)."""
     for run in runs:
         while run.samples < target and not STOP_REQUEST and time.monotonic() < until:
             run.batches.begin_epoch_if_used_up()
@@ -835,22 +785,30 @@ Keep = Callable[[Run], None]  # keeps a run: ResultsFolder.keep (checkpoint, run
 def train(
     runs: list[Run], cfg: Config, data: Data, keep: Keep, advance: Advance | None = None
 ) -> bool:
-    """The experiment: from one evaluation point to the next, advance every run in flight to
-    it (eager steps on the CPU, CUDA graphs on a GPU), score it on the whole training and test
-    sets, keep it; a run at its last point gets its log p(x) estimate. Returns False if a stop
-    request cut training short."""
+    """The experiment: every run in flight advanced from one evaluation point to the next
+    (eager steps on the CPU, CUDA graphs on a GPU), scored there, kept; at its end, its log
+    p(x) estimate. False if a stop request cut training short."""
     advance = advance or advance_on(runs, cfg)
     end = schedule_of(cfg)[-1]
     for point in schedule_of(cfg):
         in_flight = [run for run in runs if run.status == "running" and run.samples < point]
         if not in_flight:
             continue
-        stopped = not advance_keeping(in_flight, point, cfg.checkpoint_every, advance, keep)
+        stopped = False
+        while any(run.samples < point for run in in_flight):
+            if not advance(in_flight, point, time.monotonic() + cfg.checkpoint_every):
+                stopped = True
+                break
+            for run in in_flight:  # a checkpoint at least every --checkpoint-every seconds,
+                if run.samples < point and torch.isfinite(run.loss):  # none of a diverging run
+                    keep(run)
         for run in in_flight:
             if run.samples == point:  # not cut short by a stop request
                 score(run, evaluate_point(run.vae, data, cfg.seed))
             if run.status == "running" and run.samples == end:
-                finish(run, data, cfg)
+                k = cfg.iw_samples
+                log_px = estimate_log_px(run.vae, data.test_eval, k, cfg.seed)
+                run.record |= {"log_px": {"test": log_px, "k": k}, "status": "done"}
             elif run.status == "running" and stopped:
                 run.record["status"] = "interrupted"
             keep(run)
@@ -859,36 +817,14 @@ def train(
     return True
 
 
-def advance_keeping(
-    runs: list[Run], point: int, every: float, advance: Advance, keep: Keep
-) -> bool:
-    """Advance the runs to `point`, keeping each of them (a checkpoint) at least every `every`
-    seconds on the way; False if a stop request came first."""
-    while advance(runs, point, time.monotonic() + every):
-        if all(run.samples == point for run in runs):
-            return True
-        for run in runs:
-            if torch.isfinite(run.loss):  # a diverging run keeps its last good checkpoint
-                keep(run)
-    return False
-
-
 def score(run: Run, evaluation: dict[str, float]) -> None:
-    """Add an evaluation to the run's record, or mark the run diverged when it, or the loss of
-    the run's latest step, is not finite."""
+    """Add an evaluation to the record, or mark the run diverged if it or its loss is not finite."""
     if all(math.isfinite(v) for v in [*evaluation.values(), float(run.loss)]):
         run.record["evals"].append(
             {"samples": run.samples, **evaluation, "wall_seconds": run.clock.seconds()}
         )
     else:
         run.record["status"], run.record["diverged_at"] = "diverged", run.samples
-
-
-def finish(run: Run, data: Data, cfg: Config) -> None:
-    """Close a run that reached its last point: its test log p(x) estimate, and done."""
-    k = cfg.iw_samples
-    run.record["log_px"] = {"test": estimate_log_px(run.vae, data.test_eval, k, cfg.seed), "k": k}
-    run.record["status"] = "done"
 
 
 def pick_lr(key: RunKey, cfg: Config, data: Data) -> tuple[float, dict[str, float | None]]:
@@ -898,8 +834,8 @@ def pick_lr(key: RunKey, cfg: Config, data: Data) -> tuple[float, dict[str, floa
     for lr in LR_CANDIDATES:
         record = {"seed": setting_seed(cfg.seed, *key), "lr": lr}
         pilot = new_run(key, record, cfg, data)
-        if not advance_eagerly([pilot], pilot_end):
-            raise Interrupted(128 + STOP_REQUEST[0])
+        advance_eagerly([pilot], pilot_end)
+        stop_if_requested()
         finite = bool(torch.isfinite(pilot.loss))
         elbo = evaluate_elbo(pilot.vae, data.train_eval, cfg.seed)["elbo"] if finite else math.nan
         scores[repr(lr)] = elbo if math.isfinite(elbo) else None
@@ -910,15 +846,16 @@ def pick_lr(key: RunKey, cfg: Config, data: Data) -> tuple[float, dict[str, floa
 
 
 def pending_record(key: RunKey) -> dict:
-    """The record of a run that no process has started."""
+    """The record of a run that no process has started. Records also hold seed, lr, threads
+    (once started), log_px (done), diverged_at, error (failed); statuses: pending, running,
+    interrupted, done, diverged, failed."""
     return {**key._asdict(), "status": "pending", "evals": []}
 
 
 # ================================================================================ figure
 def plot_results(results: dict, path: str) -> Figure:
-    """Draw Figure 2 in the paper's frame: one panel per N_z, train solid, test dashed; with
-    several seeds the median is the line and the range a light band. Lines leave the frame
-    clipped at its edge, as in the paper; the JSON keeps the full range."""
+    """Draw Figure 2 in the paper's frame (lines clipped at its edges, as there): a panel per
+    N_z, train solid, test dashed; with several seeds, the median and a band for the range."""
     runs = [r for r in results["runs"] if r["evals"]]
     dims = list(dict.fromkeys(r["latent_dim"] for r in results["runs"])) or [None]
     fig = Figure(figsize=(3.0 * len(dims), 3.7))
@@ -947,23 +884,16 @@ def plot_results(results: dict, path: str) -> Figure:
     return fig
 
 
-def seed_band(runs: list[dict], field: str) -> tuple[list[int], list, list, list]:
-    """Samples, minimum, median and maximum of `field` over runs of several seeds, at the
-    evaluation points that all of them reached."""
-    reached = [{e["samples"]: e[field] for e in r["evals"]} for r in runs]
+def seed_band(runs: list[dict], name: str) -> tuple[list[int], list, list, list]:
+    """Samples, min, median and max of `name` over seeds, at the points all of them reached."""
+    reached = [{e["samples"]: e[name] for e in r["evals"]} for r in runs]
     xs = sorted(set.intersection(*(set(values) for values in reached)))
     columns = [[values[x] for values in reached] for x in xs]
-    return (
-        xs,
-        [min(c) for c in columns],
-        [statistics.median(c) for c in columns],
-        [max(c) for c in columns],
-    )
+    return xs, *(list(map(f, columns)) for f in (min, statistics.median, max))
 
 
 def results_table(results: dict) -> str:
-    """The final train and test ELBO and the test log p(x) of every (method, N_z), as Markdown;
-    with several seeds, the median and (in brackets) the range."""
+    """The last ELBOs and test log p(x) per (method, N_z), as Markdown; seeds: median (range)."""
     lines = [
         "| method | N_z | seeds | samples | train ELBO | test ELBO | test log p(x) | gap "
         "| status |",
@@ -999,10 +929,9 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 @torch.inference_mode()
-def plot_samples(models: dict[RunKey, dict], digits: torch.Tensor, path: str, seed: int) -> Figure:
-    """What the final models learned: for each N_z, a row of decoder means for z ~ N(0, I)
-    (the same z for every model of that N_z) and a row of reconstructions (decoder means at
-    the posterior mean) of fixed test digits, shown once on top; methods side by side."""
+def plot_samples(models: dict[RunKey, dict], digits: Tensor, path: str, seed: int) -> Figure:
+    """What the final models learned: per N_z, decoder means of z ~ N(0, I) (the same z for
+    each method) and reconstructions of the test digits shown on top; methods side by side."""
     dims = sorted({key.latent_dim for key in models})
     methods = [m for m in METHODS if any(key.method == m for key in models)]
     fig = Figure(figsize=(4.4 * max(1, len(methods)), 0.62 * (1 + 2 * len(dims)) + 0.2))
@@ -1012,10 +941,7 @@ def plot_samples(models: dict[RunKey, dict], digits: torch.Tensor, path: str, se
     for row, nz in enumerate(dims):
         z = torch.randn(SHOW_DIGITS, nz, generator=torch.Generator().manual_seed(seed + nz))
         for col, method in enumerate(methods):
-            top, bottom = (
-                fig.add_subplot(grid[1 + 2 * row, col]),
-                fig.add_subplot(grid[2 + 2 * row, col]),
-            )
+            top, bottom = (fig.add_subplot(grid[r, col]) for r in (1 + 2 * row, 2 + 2 * row))
             if (saved := models.get(RunKey(method, nz))) is None:
                 top.axis("off")
                 bottom.axis("off")
@@ -1031,7 +957,23 @@ def plot_samples(models: dict[RunKey, dict], digits: torch.Tensor, path: str, se
     return fig
 
 
-def show_strip(ax: Any, images: torch.Tensor, title: str) -> None:
+def draw_samples(cfg: Config) -> str | None:
+    """Draw the samples picture from the final models in --out-dir (the first seed of each
+    setting), with the test digits read from --data-dir; its path, or None without models."""
+    folder, models = os.path.join(cfg.out_dir, MODELS_FOLDER), {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".pt"):
+            saved = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            if (key := RunKey.of(saved)).seed_index == 0:
+                models[key] = saved
+    if not models:
+        return None
+    path = os.path.join(cfg.out_dir, SAMPLES_NAME)
+    plot_samples(models, load_split(cfg.data_dir, "test", cfg.verify_data), path, cfg.seed)
+    return path
+
+
+def show_strip(ax: Any, images: Tensor, title: str) -> None:
     """A row of 28 x 28 images side by side, titled."""
     ax.imshow(
         torch.cat(list(images.reshape(-1, 28, 28)), dim=1).numpy(), cmap="gray", vmin=0, vmax=1
@@ -1048,6 +990,17 @@ def show_strip(ax: Any, images: torch.Tensor, title: str) -> None:
 
 
 # -------------------------------------------------------------------------------- stop requests
+STOP_REQUEST: list[int] = []  # signals received; training stops at the next step boundary
+
+
+class Interrupted(BaseException):
+    """Training stopped on request (Ctrl-C or SIGTERM); `code` is the exit status, 128 + signal."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 def request_stop(signum: int, frame: object) -> None:
     """Signal handler: stop after the current step (further signals change nothing)."""
     if not STOP_REQUEST:
@@ -1128,9 +1081,10 @@ def threads_for(cfg: Config, in_flight: int) -> int:
     return cfg.threads or max(1, cpu_count() // max(1, in_flight))
 
 
+# -------------------------------------------------------------------------------- CUDA graphs
 def advance_on(runs: list[Run], cfg: Config) -> Advance:
     """How the runs advance: CUDA graphs on a GPU (unless --graph-steps 0), captured now, before
-    any run file changes (CaptureError if one cannot be); else eager steps."""
+    any file changes (CaptureError if one cannot be); else eager steps."""
     if not runs or runs[0].batches.images.device.type != "cuda" or not cfg.graph_steps:
         return advance_eagerly
     engine = CudaGraphs(cfg.graph_steps)
@@ -1138,19 +1092,12 @@ def advance_on(runs: list[Run], cfg: Config) -> Advance:
     return engine.advance
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as 'Type: first line of its message'."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-
-
-# -------------------------------------------------------------------------------- CUDA graphs
 class Graphed(NamedTuple):
-    """A run's own CUDA stream, and its captured graphs and their loss outputs by steps per
-    replay."""
+    """A run's CUDA stream, and its graphs and their loss outputs by steps per replay."""
 
     stream: torch.cuda.Stream
     graphs: dict[int, torch.cuda.CUDAGraph]
-    losses: dict[int, torch.Tensor]
+    losses: dict[int, Tensor]
 
 
 class CaptureError(RuntimeError):
@@ -1158,17 +1105,11 @@ class CaptureError(RuntimeError):
 
 
 class CudaGraphs:
-    """Advances runs on a GPU: each run's training steps captured once as CUDA graphs (of
-    `steps` steps and of one step) and replayed on the run's own stream, the runs side by side,
-    with no host synchronisation until the target. Each graph draws from the run's own
-    generator, so a run's numbers do not depend on the runs beside it. A capture that fails
-    raises CaptureError, which stops the invocation before any run's files are touched.
-
-    Adagrad's step counters live on the host, which a replay does not touch: each replay
-    advances them on the host by the steps it ran, so checkpoints hold the true count (the step
-    size does not read it: no decay). Streams come from torch's pool of 32 per device: beyond
-    32 runs, runs share streams (the same numbers, less overlap).
-    """
+    """Advances runs on a GPU by replaying each run's steps, captured once as CUDA graphs of
+    `steps` steps and of one, on its own stream, with no host synchronisation until the target.
+    Graphs draw from the run's own generator, so its numbers do not depend on its neighbours.
+    Each replay advances Adagrad's step counters on the host by its steps, so checkpoints hold
+    the true count. Beyond torch's 32 streams per device, runs share streams (same numbers)."""
 
     def __init__(self, steps: int = GRAPH_STEPS) -> None:
         self.steps = steps
@@ -1181,8 +1122,7 @@ class CudaGraphs:
                 self.graphs[id(run)] = self.capture(run)
 
     def advance(self, runs: list[Run], target: int, until: float = math.inf) -> bool:
-        """advance_eagerly's contract: every run to `target` samples, or as far as the clock
-        allows before `until`, unless a stop request comes."""
+        """advance_eagerly's contract, by replaying the runs' graphs side by side."""
         self.capture_all(runs)
         graphed = [(run, self.graphs[id(run)]) for run in runs]
         for _, g in graphed:  # after all the host queued before: restored states, evaluations
@@ -1202,9 +1142,8 @@ class CudaGraphs:
         return not STOP_REQUEST
 
     def next_replay(self, run: Run, target: int) -> int:
-        """Steps of the run's next replay, counted on the host as taken (the graph moves only
-        the device's count): the long graph while it fits before both the target and the end
-        of the epoch (a graph cannot start a new one), else the one-step graph."""
+        """Steps of the run's next replay, counted on the host as taken: the long graph if it
+        ends before both `target` and the epoch's end (a graph cannot start one), else one step."""
         steps = min(
             (target - run.samples) // run.batches.batch_size, run.batches.begin_epoch_if_used_up()
         )
@@ -1216,8 +1155,7 @@ class CudaGraphs:
         return n
 
     def capture(self, run: Run) -> Graphed:
-        """The run's stream and graphs, the run put back where it stood; CaptureError, naming
-        the cause and the way out, if the step cannot be captured."""
+        """The run's stream and graphs, the run put back; CaptureError naming cause and way out."""
         saved = run_state(run)
         try:
             return self.capture_graphs(run, saved)
@@ -1232,8 +1170,8 @@ class CudaGraphs:
             ) from exc
 
     def capture_graphs(self, run: Run, saved: dict) -> Graphed:
-        """Capture the run's graphs on a new stream after a warm-up (where lazy initialisation
-        happens), then put the run back to `saved`."""
+        """Capture the run's graphs on a new stream after a warm-up (lazy initialisation happens
+        there), then put the run back to `saved`."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -1259,12 +1197,15 @@ class CudaGraphs:
 
 
 # -------------------------------------------------------------------------------- files
-def write_atomic(path: str, write: Callable[[io.BufferedWriter], object]) -> None:
-    """Write a file through `write` so that a reader, or a kill, finds the old file or the new one.
+def one_line(exc: BaseException) -> str:
+    """An exception as 'Type: first line of its message'."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
-    Hand-written because the standard library has no atomic replace with fsync. A full disk
-    raises DiskFullError, the old file left as it was.
-    """
+
+def write_atomic(path: str, write: Callable[[io.BufferedWriter], object]) -> None:
+    """Write `path` through `write` so that a reader or a kill finds the old file or the new one;
+    DiskFullError on a full disk, the old file left as it was."""
+    # hand-written: the standard library has no atomic replace with fsync
     folder, tmp = os.path.dirname(os.path.abspath(path)), ""
     umask = os.umask(0)
     os.umask(umask)
@@ -1294,8 +1235,7 @@ class DiskFullError(RuntimeError):
 
 
 def no_space(exc: BaseException | None) -> bool:
-    """Whether `exc`, or an exception it arose from, is a full disk or quota (torch.save
-    reports one as its own RuntimeError with the OSError behind it)."""
+    """Whether `exc`, or one behind it, is a full disk or quota (torch.save wraps the OSError)."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -1336,19 +1276,12 @@ def fixed_constants() -> dict:
 
 def package_versions() -> dict[str, str]:
     """The versions of the packages that compute or draw the numbers."""
-    import pyautoencoder
-
-    packages = {"torch": torch, "torchvision": torchvision, "pyautoencoder": pyautoencoder}
-    return {name: str(p.__version__) for name, p in packages.items()} | {
-        "numpy": str(np.__version__)
-    }
+    return {p.__name__: str(p.__version__) for p in (torch, torchvision, pyautoencoder, np)}
 
 
 def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
-    """What a results folder fixes: everything that changes a run's numbers or its evaluation
-    points (settings, constants, data, device kind, the versions of the packages that compute
-    them), and nothing that cannot (--samples, which extends runs, threads, --jobs,
-    --graph-steps, or the pilots' length with a fixed step size)."""
+    """What a results folder fixes: all that changes a run's numbers or points, and nothing that
+    cannot (--samples, which extends runs, threads, --jobs, --graph-steps, pilots with fixed lr)."""
     settings = ("eval_start", "evals_per_decade", "lr", "batch_size", "hidden_size")
     settings += ("binarize", "seed") + ("lr_pilot_samples",) * (cfg.lr == "auto")
     versions = package_versions()
@@ -1379,48 +1312,21 @@ def check_settings(what: str, old: dict, new: dict) -> None:
         )
 
 
-# -------------------------------------------------------------------------------- final models
-def load_models(out_dir: str) -> dict[RunKey, dict]:
-    """The final models in OUT_DIR/models/ (first seed of each setting), by run."""
-    folder = os.path.join(out_dir, MODELS_FOLDER)
-    models = {}  # (each also holds its run's whole state, for extending it)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".pt"):
-            saved = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-            key = RunKey.of(saved)
-            if key.seed_index == 0:
-                models[key] = saved
-    return models
-
-
-def draw_samples(cfg: Config) -> str | None:
-    """Draw the samples picture from the models saved in --out-dir, with grey-level test digits
-    read from --data-dir only then; its path, or None without models."""
-    models = load_models(cfg.out_dir)
-    if not models:
-        return None
-    path = os.path.join(cfg.out_dir, SAMPLES_NAME)
-    plot_samples(models, load_split(cfg.data_dir, "test", cfg.verify_data), path, cfg.seed)
-    return path
-
-
 # -------------------------------------------------------------------------------- results folder
-def print_nothing(key: RunKey, run: dict) -> None:
+def print_nothing(key: RunKey, record: dict) -> None:
     """Show nothing of a run (a results folder's default way of showing one)."""
 
 
-FINISHED = ("done", "diverged")  # statuses of runs that ended (a done one may be extended)
+def last_point(record: dict | None) -> int:
+    """The samples of a record's last evaluation (0 for none, or no record)."""
+    return record["evals"][-1]["samples"] if record and record["evals"] else 0
 
 
-def last_point(run: dict | None) -> int:
-    """The samples of a run record's last evaluation (0 for none, or no record)."""
-    return run["evals"][-1]["samples"] if run and run["evals"] else 0
-
-
-def ended(run: dict, end: int) -> bool:
-    """Whether a run record needs no more training to reach `end` samples: it diverged, or it
-    is done there or beyond (a run done short of `end` is extended)."""
-    return run["status"] == "diverged" or (run["status"] == "done" and last_point(run) >= end)
+def ended(record: dict, end: int) -> bool:
+    """Whether a record needs no more training to `end`: diverged, or done there or beyond."""
+    return record["status"] == "diverged" or (
+        record["status"] == "done" and last_point(record) >= end
+    )
 
 
 def environment(device: torch.device, threads: int) -> dict:
@@ -1440,19 +1346,14 @@ def environment(device: torch.device, threads: int) -> dict:
     }
 
 
-def figure_order(run: dict) -> tuple[int, int, int]:
-    """Sort key of a run record: methods in METHODS order, then N_z, then seed index."""
-    order = METHODS.index(run["method"]) if run["method"] in METHODS else len(METHODS)
-    return order, run["latent_dim"], run["seed_index"]
+def figure_order(record: dict) -> tuple[int, int, int]:
+    """Sort key of a record: methods in METHODS order, then N_z, then seed index."""
+    order = METHODS.index(record["method"]) if record["method"] in METHODS else len(METHODS)
+    return order, record["latent_dim"], record["seed_index"]
 
 
 class RunLock:
-    """The lock on one run, held by the process that trains it.
-
-    A file lock (filelock: flock on POSIX, msvcrt on Windows), which the operating system
-    releases when that process ends, however it ends, so no stale lock survives a kill. The
-    file names the holder.
-    """
+    """One run's lock file, naming its holder; the OS releases it however the holder ends."""
 
     def __init__(self, path: str) -> None:
         self.path, self.file_lock = path, FileLock(path)
@@ -1496,22 +1397,17 @@ def lock_holder(path: str) -> str | None:
 
 @dataclass(frozen=True)
 class ResultsFolder:
-    """OUT_DIR and all a run leaves there: its run file under runs/ (the source of truth), its
-    checkpoint under checkpoints/ while it trains, its final model under models/ once it ends,
-    and the combined JSON and figure, outputs rebuilt from every run file in the folder.
-
-    A run's files are written atomically by the process that trains it, which holds the run's
-    lock, so invocations (or machines) that share the folder neither train a run twice at once
-    nor drop each other's results. Checkpoints and models carry the fingerprint of the
-    settings that made them, and are refused under others.
-    """
+    """OUT_DIR: a run file per run under runs/ (the source of truth), its checkpoint while it
+    trains, its final model once it ends, and the combined JSON and figure rebuilt from all the
+    run files. A run's files are written atomically under its lock, so processes sharing the
+    folder neither train a run twice nor lose results; files of other settings are refused."""
 
     out_dir: str
     fingerprint: dict
     header: dict = field(default_factory=dict)  # this invocation's config and environment
     keys: tuple[RunKey, ...] = ()  # this invocation's runs, in figure order
     end: int = 0  # this invocation's last evaluation point: runs done short of it are extended
-    show: Callable[[RunKey, dict], None] = print_nothing  # shows a run on the screen when kept
+    show: Callable[[RunKey, dict], None] = print_nothing  # Progress.show, or a worker's message
 
     @property
     def runs_dir(self) -> str:
@@ -1533,13 +1429,12 @@ class ResultsFolder:
         return os.path.join(self.runs_dir, f"{key.stem}{ext}")
 
     def keep(self, run: Run) -> None:
-        """Keep a run as it stands, after each evaluation, at its end and between points: its
-        checkpoint (once it ended, its final model instead), then its run file, then its lines
-        on the screen."""
+        """Save a run as it stands: its checkpoint (its final model once it ended), then its run
+        file, then its lines on the screen."""
         saved = False
         if run.status in ("running", "interrupted"):
             self.save_state(run.key, run_state(run))  # before the run file: a kill loses nothing
-        elif run.status in FINISHED:
+        elif run.status in ("done", "diverged"):
             saved = self.save_model(run)
         if run.status == "diverged":
             kept = f", its last good state is kept in {self.models_dir}" if saved else ""
@@ -1566,8 +1461,7 @@ class ResultsFolder:
         write_atomic(path, lambda f: torch.save(payload, f))
 
     def load_state(self, key: RunKey, folder: str = "") -> dict | None:
-        """The run's checkpoint (or its file in another folder), or None; CheckpointError if
-        unreadable or from other settings."""
+        """The run's checkpoint (or its file in `folder`), or None; CheckpointError if unusable."""
         path = self.state_path(key, folder)
         if not os.path.exists(path):
             return None
@@ -1586,9 +1480,8 @@ class ResultsFolder:
         return max(states, key=lambda state: state["samples"], default=None)
 
     def save_model(self, run: Run) -> bool:
-        """Write a run's final model to models/ with the whole state the run ended in (a longer
-        run goes on from it); a diverged run's is the last good state from its checkpoint,
-        marked as diverged (none if it diverged before one: False)."""
+        """Save a run's whole final state to models/ (a longer run goes on from it); a diverged
+        run's last checkpoint instead, marked so (False if it has none)."""
         diverged = run.status == "diverged"
         if diverged:
             if (state := self.load_state(run.key)) is None:
@@ -1610,8 +1503,7 @@ class ResultsFolder:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the folder's own lock: rebuilding the combined results and taking a run's lock
-        happen one process at a time, so a probe of a lock never makes another process skip."""
+        """Hold the folder's lock: results rebuilt and run locks taken one process at a time."""
         os.makedirs(self.runs_dir, exist_ok=True)
         with FileLock(os.path.join(self.runs_dir, ".folder.lock")):
             yield
@@ -1623,22 +1515,20 @@ class ResultsFolder:
             return lock, lock.acquire()
 
     def claim(self, key: RunKey) -> tuple[RunLock | None, str | None]:
-        """Take a run's lock unless it has ended or another process holds it: (lock, None),
-        (None, who holds it) or (None, None) for a run that has ended."""
+        """Take a run's lock: (lock, None); (None, holder) if held; (None, None) if it ended."""
         lock, holder = self.lock(key)
         if holder:
             log(f"[{key.name}] skipped: {holder} is training it")
             return None, holder
-        run = self.read().get(key, pending_record(key))
-        if ended(run, self.end):  # another process may have finished it meanwhile
+        record = self.read().get(key, pending_record(key))
+        if ended(record, self.end):  # another process may have finished it meanwhile
             lock.release()
-            log(f"[{key.name}] already {run['status']}: skipped")
+            log(f"[{key.name}] already {record['status']}: skipped")
             return None, None
         return lock, None
 
     def read(self) -> dict[RunKey, dict]:
-        """Every run file in the folder by run; CheckpointError for one that is unreadable or
-        was made with other settings."""
+        """Every run file's record by run; CheckpointError for an unreadable or foreign one."""
         runs = {}
         for name in sorted(glob_json(self.runs_dir)):
             path = os.path.join(self.runs_dir, name)
@@ -1652,13 +1542,11 @@ class ResultsFolder:
             runs[RunKey.of(run)] = run
         return runs
 
-    def save_run(self, run: dict) -> None:
-        """Write one run's file atomically (its fingerprint, this process's config and
-        environment, the run), then rebuild the combined results, and at most every
-        FIGURE_EVERY_S seconds the figure."""
+    def save_run(self, record: dict) -> None:
+        """Write one run's file atomically, then rebuild the combined JSON (and the figure)."""
         os.makedirs(self.runs_dir, exist_ok=True)
-        saved = {"fingerprint": self.fingerprint, **self.header, "run": run}
-        write_json_atomic(saved, self.path(RunKey.of(run)))
+        saved = {"fingerprint": self.fingerprint, **self.header, "run": record}
+        write_json_atomic(saved, self.path(RunKey.of(record)))
         png = os.path.join(self.out_dir, FIGURE_NAME)
         stale = not os.path.exists(png) or time.time() - os.path.getmtime(png) > FIGURE_EVERY_S
         self.publish(figure=stale)
@@ -1676,11 +1564,14 @@ class ResultsFolder:
             plot_results(results, os.path.join(self.out_dir, FIGURE_NAME))
         return results
 
-    def shown(self, run: dict) -> dict:
-        """A run as the combined file shows it: "running" only while a process holds it."""
-        if run["status"] == "running" and lock_holder(self.path(RunKey.of(run), ".lock")) is None:
-            return run | {"status": "interrupted"}
-        return run
+    def shown(self, record: dict) -> dict:
+        """A record as the combined file shows it: "running" only while a process holds its run."""
+        if (
+            record["status"] == "running"
+            and lock_holder(self.path(RunKey.of(record), ".lock")) is None
+        ):
+            return record | {"status": "interrupted"}
+        return record
 
 
 def results_header(cfg: Config, device: torch.device) -> dict:
@@ -1692,9 +1583,8 @@ def results_header(cfg: Config, device: torch.device) -> dict:
 def open_results(
     cfg: Config, data: Data, device: torch.device
 ) -> tuple[ResultsFolder, dict[RunKey, dict], list[RunKey]]:
-    """The results folder of this configuration (the old one's files set aside with --fresh),
-    the run files already there, and the runs left to train; CheckpointError for an unreadable
-    or foreign run file or checkpoint, before any work."""
+    """This configuration's results folder (--fresh: old files set aside), its run records and
+    the runs left to train; CheckpointError for an unusable file, before any work."""
     fp, end = fingerprint(cfg, data, device), schedule_of(cfg)[-1]
     folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(runs_of(cfg)), end)
     if cfg.fresh:
@@ -1703,9 +1593,9 @@ def open_results(
     on_disk = folder.read()
     todo = []
     for key in selected_runs(cfg):
-        run = on_disk.get(key, pending_record(key))
-        if ended(run, end):
-            log(f"[{key.name}] already {run['status']}: skipped")
+        record = on_disk.get(key, pending_record(key))
+        if ended(record, end):
+            log(f"[{key.name}] already {record['status']}: skipped")
         else:
             state = folder.resume_state(key)  # refused now, before any work, if unusable
             if state and state["samples"] > end:
@@ -1717,29 +1607,15 @@ def open_results(
     return folder, on_disk, todo
 
 
-def redraw(out_dir: str) -> bool:
-    """--plot-only: rebuild the combined JSON and the figure from the run files, or, in a
-    folder without run files (such as docs/), redraw the figure from the combined JSON; True
-    if the JSON was rebuilt."""
-    json_path, runs_dir = os.path.join(out_dir, RESULTS_NAME), os.path.join(out_dir, RUNS_FOLDER)
-    names = sorted(glob_json(runs_dir))
-    if not names:
-        with open(json_path) as f:
-            plot_results(json.load(f), os.path.join(out_dir, FIGURE_NAME))
-        return False
-    with open(os.path.join(runs_dir, names[0])) as f:
-        first = json.load(f)
-    header = {"config": first["config"], "environment": first["environment"]}
-    ResultsFolder(out_dir, first["fingerprint"], header, ()).publish()
-    return True
-
-
 def glob_json(folder: str) -> list[str]:
     """The .json files in `folder` (none if it does not exist)."""
     return [n for n in os.listdir(folder) if n.endswith(".json")] if os.path.isdir(folder) else []
 
 
-# -------------------------------------------------------------------------------- keeping runs
+# -------------------------------------------------------------------------------- screen
+BAR = {"unit": "samples", "unit_scale": True, "disable": None, "leave": False, "mininterval": 1.0}
+
+
 class Progress:
     """The screen: a progress bar per run and a line per evaluation."""
 
@@ -1748,22 +1624,18 @@ class Progress:
         self.bars: dict[RunKey, tqdm] = {}
         self.seen: dict[RunKey, int] = {}
 
-    def show(self, key: RunKey, run: dict) -> None:
+    def show(self, key: RunKey, record: dict) -> None:
         """Bring the run's bar up to its record, and print each evaluation it has not shown."""
         if key not in self.bars:
-            self.bars[key] = tqdm(
-                total=self.total,
-                unit="samples",
-                unit_scale=True,
-                desc=key.name,
-                position=len(self.bars),
-                disable=None,
-                leave=False,
-                mininterval=1.0,
-            )
-        evals = run["evals"]
+            self.bars[key] = tqdm(total=self.total, desc=key.name, position=len(self.bars), **BAR)
+        evals = record["evals"]
         for e in evals[self.seen.get(key, max(0, len(evals) - 1)) :]:  # a resumed run: its last
-            log(fmt_eval(key.name, e))
+            log(
+                f"[{key.name}] samples {e['samples']:>11,}  train ELBO {e['train_elbo']:9.3f}  "
+                f"test ELBO {e['test_elbo']:9.3f}  (test log p(x|z) "
+                f"{e['test_log_likelihood']:9.3f}, KL {e['test_kl']:7.3f})  "
+                f"{e['wall_seconds']:8.1f} s"
+            )
             self.bars[key].update(e["samples"] - self.bars[key].n)
             self.bars[key].set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
         self.seen[key] = len(evals)
@@ -1774,22 +1646,12 @@ class Progress:
             bar.close()
 
 
-def fmt_eval(name: str, e: dict) -> str:
-    """One plain log line for an evaluation point of the run called `name`."""
-    return (
-        f"[{name}] samples {e['samples']:>11,}  "
-        f"train ELBO {e['train_elbo']:9.3f}  "
-        f"test ELBO {e['test_elbo']:9.3f}  (test log p(x|z) {e['test_log_likelihood']:9.3f}, "
-        f"KL {e['test_kl']:7.3f})  {e['wall_seconds']:8.1f} s"
-    )
-
-
-def fail(run: dict, error: str, trace: str = "") -> None:
-    """Mark a run as failed, keeping what it measured, and say so."""
-    run["status"], run["error"] = "failed", error
+def fail(record: dict, error: str, trace: str = "") -> None:
+    """Mark a run's record as failed, keeping what it measured, and say so."""
+    record["status"], record["error"] = "failed", error
     if trace:
         print(trace, file=sys.stderr, end="")
-    name = RunKey.of(run).name
+    name = RunKey.of(record).name
     print(f"error: [{name}] failed: {error}; the other runs go on", file=sys.stderr, flush=True)
 
 
@@ -1797,9 +1659,8 @@ def fail(run: dict, error: str, trace: str = "") -> None:
 def train_in_this_process(
     keys: list[RunKey], cfg: Config, data: Data, folder: ResultsFolder
 ) -> dict:
-    """Train the runs in `keys` that no other process holds, all in flight in this process,
-    from their checkpoints where they have them; returns the runs left to other processes,
-    with who holds them."""
+    """Train the runs of `keys` that no other process holds, all in flight here, each from its
+    checkpoint if it has one; returns the others with who holds them."""
     left, locks, runs = {}, [], []
     try:
         for key in keys:
@@ -1837,8 +1698,7 @@ def train_in_this_process(
 def worker(
     cfg: Config, key: RunKey, folder: ResultsFolder, messages: multiprocessing.Queue, threads: int
 ) -> None:
-    """One run in its own process: it writes its run file, and tells the main process each
-    keeping of the run, or that another process holds it."""
+    """A worker process: one run, each keeping of it (or who holds it) sent to the main process."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
     try:
@@ -1846,8 +1706,8 @@ def worker(
         device = resolve_device(cfg.device)
         data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
 
-        def send(key: RunKey, run: dict) -> None:
-            messages.put(("run", key, copy.deepcopy(run)))
+        def send(key: RunKey, record: dict) -> None:
+            messages.put(("run", key, copy.deepcopy(record)))
 
         left = train_in_this_process([key], cfg, data, dataclasses.replace(folder, show=send))
         for held, holder in left.items():
@@ -1863,14 +1723,9 @@ def worker(
 
 
 class Workers:
-    """Runs in up to `jobs` worker processes, one process per run (the CPU's way).
-
-    Hand-written rather than a ProcessPoolExecutor: a worker killed outright (a crash, an
-    out-of-memory kill) breaks such a pool for every run, while here it fails only its own
-    run and the others go on. Each worker writes its run file and tells the main process each
-    evaluation, which shows it. On a stop request no new worker starts and the running ones
-    get the same signal, so each saves and stops.
-    """
+    """Runs in up to `jobs` worker processes, one per run (the CPU's way). Not a
+    ProcessPoolExecutor: a worker killed outright (out of memory) breaks such a pool for every
+    run; here only its own run fails. A stop request goes on to the workers and starts none."""
 
     def __init__(self, cfg: Config, folder: ResultsFolder, progress: Progress, jobs: int) -> None:
         self.cfg, self.folder, self.progress, self.jobs = cfg, folder, progress, jobs
@@ -1915,10 +1770,14 @@ class Workers:
         """Mark the run of a worker that ended before its run did as failed, saying why."""
         lock, holder = self.folder.lock(key)
         try:
-            run = self.folder.read().get(key) or pending_record(key)
-            if holder is None and run["status"] != "failed" and not ended(run, self.folder.end):
-                fail(run, why, trace)
-                self.folder.save_run(run)
+            record = self.folder.read().get(key) or pending_record(key)
+            if (
+                holder is None
+                and record["status"] != "failed"
+                and not ended(record, self.folder.end)
+            ):
+                fail(record, why, trace)
+                self.folder.save_run(record)
         finally:
             lock.release()
 
@@ -1943,8 +1802,7 @@ class Workers:
 
 # -------------------------------------------------------------------------------- time estimate
 def advance_by(runs: list[Run], steps: int, advance: Advance) -> None:
-    """Advance each run by `steps` training steps (runs that stand together move together)
-    and wait for the device."""
+    """Advance each run by `steps` steps (runs at the same count together); wait for the device."""
     for samples in sorted({run.samples for run in runs}):
         group = [run for run in runs if run.samples == samples]
         advance(group, samples + steps * group[0].batches.batch_size, math.inf)
@@ -1976,14 +1834,12 @@ def seconds_per_evaluation(vae: VAE, data: Data, seed: int) -> float:
 
 
 def seconds_left(cfg: Config, data: Data, done: int, step_s: float, eval_s: float) -> float:
-    """Seconds a run that has trained `done` samples still needs: its steps, its evaluations
-    and its closing log p(x) estimate (K decodes of each test image, each about 2/3 of a full
-    evaluation's pass); none for a run evaluated to its end."""
+    """Seconds a run at `done` samples still needs: steps, evaluations, its closing log p(x)."""
     points = [p for p in schedule_of(cfg) if p > done]
     if not points:
         return 0.0
     test_share = len(data.test_eval) / (len(data.train_eval) + len(data.test_eval))
-    closing = eval_s * cfg.iw_samples * test_share * 2 / 3
+    closing = eval_s * cfg.iw_samples * test_share * 2 / 3  # K decodes of 2/3 a pass each
     return (points[-1] - done) / cfg.batch_size * step_s + len(points) * eval_s + closing
 
 
@@ -2032,12 +1888,6 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
     finally:
         torch.set_num_threads(threads_now)
     return max(ends, default=0.0)
-
-
-def say_estimate(cfg: Config, runs: int, at_a_time: int, seconds: float) -> None:
-    """Print the estimate line."""
-    work = f"{runs} run{'s' * (runs != 1)} x {cfg.samples:,} samples, {at_a_time} at a time"
-    log(f"estimate: {work}: about {fmt_duration(seconds)} here")
 
 
 def fmt_duration(seconds: float) -> str:
@@ -2122,9 +1972,20 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 # -------------------------------------------------------------------------------- main
 def plot_only(cfg: Config) -> int:
-    """--plot-only: redraw the figure and the samples picture from the files in --out-dir."""
+    """--plot-only: rebuild the combined JSON and the figure from the run files in --out-dir
+    (in a folder of the combined JSON alone, such as docs/, redraw the figure from it), and
+    the samples picture from the models."""
+    json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
+    runs_dir = os.path.join(cfg.out_dir, RUNS_FOLDER)
     try:
-        rebuilt = redraw(cfg.out_dir)
+        if names := sorted(glob_json(runs_dir)):
+            with open(os.path.join(runs_dir, names[0])) as f:
+                first = json.load(f)
+            header = {"config": first["config"], "environment": first["environment"]}
+            ResultsFolder(cfg.out_dir, first["fingerprint"], header, ()).publish()
+        else:
+            with open(json_path) as f:
+                plot_results(json.load(f), png_path)
     except (OSError, ValueError, KeyError, CheckpointError) as exc:
         print(
             f"error: cannot read the results in {cfg.out_dir} ({exc}); run the training "
@@ -2132,8 +1993,7 @@ def plot_only(cfg: Config) -> int:
             file=sys.stderr,
         )
         return 2
-    json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
-    print(f"figure: {png_path}" + f"\nresults: {json_path}" * rebuilt)
+    print(f"figure: {png_path}" + f"\nresults: {json_path}" * bool(names))
     try:
         if pictures := draw_samples(cfg):
             print(f"samples: {pictures}")
@@ -2142,12 +2002,11 @@ def plot_only(cfg: Config) -> int:
     return 0
 
 
-def train_runs(
+def train_here_or_in_workers(
     cfg: Config, data: Data, folder: ResultsFolder, todo: list[RunKey], on_disk: dict
 ) -> tuple[dict[RunKey, str], float]:
-    """Say how long it will take, then train the runs of `todo`: side by side in worker
-    processes on a CPU, else all in flight in this process; the runs left to other processes,
-    and the time estimate."""
+    """Say how long it will take, then train `todo`: in worker processes side by side on a CPU,
+    else all in flight here; the runs left to other processes, and the estimate."""
     at_a_time, threads_before = side_by_side(cfg, data.train.device, len(todo)), None
     if at_a_time == 1:
         threads_before = torch.get_num_threads()  # put back after: main() may be called again
@@ -2155,8 +2014,9 @@ def train_runs(
     progress = Progress(schedule_of(cfg)[-1])
     try:
         seconds = estimate(cfg, data, todo, on_disk, at_a_time)
-        on_cpu = data.train.device.type == "cpu"
-        say_estimate(cfg, len(todo), at_a_time if on_cpu else len(todo), seconds)
+        n, together = len(todo), at_a_time if data.train.device.type == "cpu" else len(todo)
+        work = f"{n} run{'s' * (n != 1)} x {cfg.samples:,} samples, {together} at a time"
+        log(f"estimate: {work}: about {fmt_duration(seconds)} here")
         if at_a_time > 1:
             return Workers(cfg, folder, progress, at_a_time).train(todo), seconds
         here = dataclasses.replace(folder, show=progress.show)
@@ -2169,8 +2029,8 @@ def train_runs(
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load MNIST, train the runs left in --out-dir, print the table
-    and where the files are. The exit status: 0 all done, 1 bad data or a full disk, 2 bad
-    flags or files, 3 some run not done, 128 + signal when stopped."""
+    and where the files are. The exit status: 0 all done, 1 bad data, a full disk or a failed
+    CUDA graph capture, 2 bad flags or files, 3 some run not done, 128 + signal when stopped."""
     cfg = parse_config(argv)
     if cfg.list_runs:
         for i, key in enumerate(runs_of(cfg)):
@@ -2192,24 +2052,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if isinstance(exc, DataError) else 2
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
     log(f"training on {device}; results: {json_path}")
-    started, code, left, estimate = time.perf_counter(), 0, {}, 0.0
-    with stop_requests():
-        try:
-            left, estimate = train_runs(cfg, data, folder, todo, on_disk)
-        except Interrupted as exc:
-            code = exc.code
-        except (DiskFullError, CaptureError) as exc:  # the last checkpoints are kept
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
+    started, code, left, estimated_s = time.perf_counter(), 0, {}, 0.0
+    try:
+        with stop_requests():
+            try:
+                left, estimated_s = train_here_or_in_workers(cfg, data, folder, todo, on_disk)
+            except Interrupted as exc:
+                code = exc.code
+            results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
+        pictures = draw_samples(cfg)
+    except (CheckpointError, DiskFullError, CaptureError) as exc:  # the last checkpoints kept
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, CheckpointError) else 1
     selected = selected_runs(cfg)
     ours = [r for r in results["runs"] if RunKey.of(r) in selected]
     if not code and any(r["status"] != "done" for r in ours if RunKey.of(r) not in left):
         code = 3
-    pictures = draw_samples(cfg)
     print(results_table(results))
     took = time.perf_counter() - started
-    estimated = f" (estimated {fmt_duration(estimate)})" if estimate else ""  # none if stopped
+    estimated = f" (estimated {fmt_duration(estimated_s)})" if estimated_s else ""  # not if stopped
     print(f"wall time: {fmt_duration(took)}{estimated}")
     print(f"figure: {png_path}\nresults: {json_path}" + f"\nsamples: {pictures}" * bool(pictures))
     for key, holder in left.items():
