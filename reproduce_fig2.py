@@ -102,16 +102,17 @@ PAPER_XLIM = (1e5, 1e8)  # the paper's horizontal range (training samples, log s
 METHOD_STYLE = {"aevb": ("AEVB", "tab:red"), "wake-sleep": ("WS", "tab:blue")}  # legend, colour
 
 
-def positive(kind: type) -> Callable[[str], Any]:
-    """A command-line value parser for a positive int or float."""
+def positive(kind: type, or_zero: bool = False) -> Callable[[str], Any]:
+    """A command-line value parser for a positive int or float (or zero, with `or_zero`)."""
 
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not (value > 0 or (or_zero and value == 0)) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive" + " or 0" * or_zero)
         return value
 
     return parse
@@ -131,7 +132,10 @@ def sample_count(text: str) -> int:
 
 def learning_rate(text: str) -> float | str:
     """A command-line value parser for Adagrad's step size: a positive number or "auto"."""
-    return "auto" if text == "auto" else positive(float)(text)
+    try:
+        return "auto" if text == "auto" else positive(float)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: give a positive step size or auto") from None
 
 
 def flag(default: Any, help_text: str, **argparse_kwargs: Any) -> Any:
@@ -176,18 +180,18 @@ class Config:
     threads: int = flag(
         THREADS,
         "CPU threads per process (0: the cores shared among the processes in flight)",
-        type=int,
+        type=positive(int, or_zero=True),
     )
     jobs: int = flag(
         JOBS,
         "CPU: runs trained side by side in worker processes (0: one per usable core, up to the "
         "runs and to what the available memory holds)",
-        type=int,
+        type=positive(int, or_zero=True),
     )
     graph_steps: int = flag(
         GRAPH_STEPS,
         "CUDA: training steps per CUDA graph (0: no graphs, eager steps; the same numbers)",
-        type=int,
+        type=positive(int, or_zero=True),
     )
     checkpoint_every: float = flag(
         CHECKPOINT_EVERY,
@@ -1939,14 +1943,6 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error(
             f"--lr-pilot-samples {a.lr_pilot_samples} is less than one minibatch ({a.batch_size})"
         )
-    if a.graph_steps < 0:
-        parser.error(f"--graph-steps {a.graph_steps} is negative; use 0 for no CUDA graphs")
-    if a.threads < 0:
-        parser.error(
-            f"--threads {a.threads} is negative; use 0 to share the cores, or a positive count"
-        )
-    if a.jobs < 0:
-        parser.error(f"--jobs {a.jobs} is negative; use 0 for one worker per core, or a count")
     if a.fresh and a.run_index is not None:
         parser.error(
             "--fresh with --run-index would set aside the files of the other tasks; empty or "

@@ -69,6 +69,7 @@ BAD = [
     ["--evals-per-decade", "0"],
     ["--jobs", "-1"],
     ["--threads", "-2"],
+    ["--graph-steps", "-1"],
     ["--methods", "gan"],
     ["--device", "tpu"],
 ]
