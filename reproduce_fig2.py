@@ -55,7 +55,6 @@ from pyautoencoder.variational import VAE
 from torch import Tensor, nn
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torch.optim import Adagrad
-from tqdm import tqdm
 
 # ================================================================================ constants
 LATENT_DIMS: tuple[int, ...] = (3, 5, 10, 20, 200)  # latent sizes N_z, one panel each
@@ -594,9 +593,8 @@ STEPS: dict[str, Step] = {"aevb": aevb_step, "wake-sleep": wake_sleep_step}  # b
 
 # ================================================================================ the runs
 def log(message: str) -> None:
-    """Print one line of ours at once, without breaking the progress bars."""
-    tqdm.write(message)
-    sys.stdout.flush()
+    """Print one line at once (a log file shows it as it happens)."""
+    print(message, flush=True)
 
 
 def eval_schedule(
@@ -1617,21 +1615,14 @@ def glob_json(folder: str) -> list[str]:
 
 
 # -------------------------------------------------------------------------------- screen
-BAR = {"unit": "samples", "unit_scale": True, "disable": None, "leave": False, "mininterval": 1.0}
-
-
 class Progress:
-    """The screen: a progress bar per run and a line per evaluation."""
+    """The screen: a line per evaluation of each run, printed once."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.bars: dict[RunKey, tqdm] = {}
-        self.seen: dict[RunKey, int] = {}
+    def __init__(self) -> None:
+        self.seen: dict[RunKey, int] = {}  # evaluations printed, by run
 
     def show(self, key: RunKey, record: dict) -> None:
-        """Bring the run's bar up to its record, and print each evaluation it has not shown."""
-        if key not in self.bars:
-            self.bars[key] = tqdm(total=self.total, desc=key.name, position=len(self.bars), **BAR)
+        """Print each evaluation of the run's record not printed yet."""
         evals = record["evals"]
         for e in evals[self.seen.get(key, max(0, len(evals) - 1)) :]:  # a resumed run: its last
             log(
@@ -1640,14 +1631,7 @@ class Progress:
                 f"{e['test_log_likelihood']:9.3f}, KL {e['test_kl']:7.3f})  "
                 f"{e['wall_seconds']:8.1f} s"
             )
-            self.bars[key].update(e["samples"] - self.bars[key].n)
-            self.bars[key].set_postfix(test_elbo=f"{e['test_elbo']:.2f}")
         self.seen[key] = len(evals)
-
-    def close(self) -> None:
-        """Close the bars."""
-        for bar in self.bars.values():
-            bar.close()
 
 
 def fail(record: dict, error: str, trace: str = "") -> None:
@@ -2007,7 +1991,7 @@ def train_here_or_in_workers(
     if at_a_time == 1:
         threads_before = torch.get_num_threads()  # put back after: main() may be called again
         torch.set_num_threads(cfg.threads or cpu_count())
-    progress = Progress(schedule_of(cfg)[-1])
+    progress = Progress()
     try:
         seconds = estimate(cfg, data, todo, on_disk, at_a_time)
         n, together = len(todo), at_a_time if data.train.device.type == "cpu" else len(todo)
@@ -2018,7 +2002,6 @@ def train_here_or_in_workers(
         here = dataclasses.replace(folder, show=progress.show)
         return train_in_this_process(todo, cfg, data, here), seconds
     finally:
-        progress.close()
         if threads_before:
             torch.set_num_threads(threads_before)
 
