@@ -1871,8 +1871,9 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
             if len(ends) == at_a_time:
                 now = min(ends)
             ends = [e for e in ends if e > now]
-            threads = threads_for(cfg, min(at_a_time, len(ends) + len(todo) - i))
-            ends.append(now + duration(key, threads))
+            threads = threads_for(cfg, in_flight := min(at_a_time, len(ends) + len(todo) - i))
+            crowded = max(1.0, in_flight * threads / cpu_count())  # more threads than cores
+            ends.append(now + duration(key, threads) * crowded)
     finally:
         torch.set_num_threads(threads_now)
     return max(ends, default=0.0)

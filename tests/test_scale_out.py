@@ -107,3 +107,18 @@ def test_fresh_with_a_run_index_is_refused_before_it_sets_aside_other_tasks_file
         rf.main(tiny_args(mnist_dir, tmp_path / "out", "--run-index", "0", "--fresh"))
     assert exit_info.value.code == 2
     assert "--fresh with --run-index" in capsys.readouterr().err
+
+
+def test_the_estimate_counts_workers_beyond_the_cores_as_sharing_them(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rf, "cpu_count", lambda: 2)
+    monkeypatch.setattr(rf, "seconds_per_step", lambda runs, advance: 0.01)
+    monkeypatch.setattr(rf, "seconds_per_evaluation", lambda vae, data, seed: 0.1)
+    cfg = rf.parse_config(tiny_args(mnist_dir, tmp_path / "out"))  # one thread per worker
+    data = rf.load_data(str(mnist_dir), CPU, False, 0, verify=False)
+    keys = rf.runs_of(cfg)  # four runs that cost the same
+    one_after_another = rf.estimate(cfg, data, keys, {}, 1)
+    # two workers on two cores take half as long; four take as long as two: they share them
+    assert rf.estimate(cfg, data, keys, {}, 2) == pytest.approx(one_after_another / 2)
+    assert rf.estimate(cfg, data, keys, {}, 4) == pytest.approx(one_after_another / 2)
