@@ -7,7 +7,7 @@ training and test sets against the number of training samples seen, and draws th
 way the paper does.
 
     python reproduce_fig2.py                    # train (MNIST is downloaded to ./data), see PNG
-    python reproduce_fig2.py --help             # every constant below as a flag
+    python reproduce_fig2.py --help             # every setting below as a flag
 
 Read from the top to the MACHINERY banner to learn the experiment: constants, data, the
 paper's networks, the ELBO, the AEVB and wake-sleep steps, the loop over the runs and the
@@ -64,11 +64,11 @@ BATCH_SIZE: int = 100  # minibatch size M
 LR: float | str = 0.02  # Adagrad global step size, or "auto": pick one by pilot runs
 LR_CANDIDATES: tuple[float, ...] = (0.01, 0.02, 0.1)  # step sizes the paper chose from
 LR_PILOT_SAMPLES: int = 100_000  # training samples of each pilot run when LR is "auto"
-MC_SAMPLES: int = 1  # z samples per datapoint, L
+MC_SAMPLES: int = 1  # z samples per datapoint, L (in training and in the evaluator)
 WEIGHT_DECAY: float = 1 / 60_000  # N(0, I) prior on parameters, per datapoint: 1 / N_train
 INIT_STD: float = 0.01  # standard deviation of the N(0, .) initialisation of every parameter
 SAMPLES: int = 10_000_000  # training samples per (method, N_z) run
-EVAL_START: int = 100_000  # first evaluation point (the paper's axis starts at 1e5)
+EVAL_START: int = 100_000  # evaluations from the first grid point at or above this (axis: 1e5)
 EVALS_PER_DECADE: int = 10  # log-spaced evaluation points per factor of ten of samples
 EVAL_BATCH_SIZE: int = 5_000  # images per forward pass when scoring the ELBO
 BINARIZE: bool = False  # train on Bernoulli samples of the grey levels
@@ -229,7 +229,7 @@ MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-MNIST_SHA256 = {  # of the decoded uint8 images and labels, from ../shared/mnist/README.md
+MNIST_SHA256 = {  # of the standard MNIST files' decoded uint8 images and labels
     "train": (
         "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
         "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
@@ -358,7 +358,7 @@ def ensure_mnist(data_dir: str, download: bool = True) -> None:
 
 
 def sha256_of(t: Tensor) -> str:
-    """SHA-256 of a uint8 tensor's bytes, as ../shared/mnist/README.md lists them."""
+    """SHA-256 of a uint8 tensor's bytes (MNIST_SHA256 lists those of the standard files)."""
     return hashlib.sha256(t.to(torch.uint8).numpy().tobytes()).hexdigest()
 
 
@@ -502,11 +502,13 @@ def evaluate_point(vae: VAE, data: Data, seed: int) -> dict[str, float]:
 
 # ================================================================================ training steps
 def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[Adagrad]:
-    """Adagrad with the prior's weight decay: one for AEVB, decoder and encoder apart for WS."""
-    if method == "aevb":
-        groups = [list(vae.parameters())]
-    else:
-        groups = [list(vae.decoder.parameters()), encoder_parameters(vae)]
+    """Adagrad with the prior's weight decay: one for AEVB, decoder and encoder apart for WS.
+    (No lr_decay: the step size must not read the host-side step count, which CUDA graphs do
+    not move; CudaGraphs.next_replay counts it by hand.)"""
+    groups = {
+        "aevb": [list(vae.parameters())],
+        "wake-sleep": [list(vae.decoder.parameters()), encoder_parameters(vae)],
+    }[method]
     kwargs = {"fused": True} if fused else {"foreach": True}
     return [Adagrad(g, lr=lr, weight_decay=WEIGHT_DECAY, **kwargs) for g in groups]
 
@@ -604,7 +606,7 @@ def eval_schedule(
     per_decade: int = EVALS_PER_DECADE,
 ) -> list[int]:
     """Sample counts to evaluate at: 10^(k / per_decade) in whole minibatches, then the target."""
-    end = max(batch_size, round(target / batch_size) * batch_size)
+    end = max(batch_size, math.ceil(target / batch_size) * batch_size)  # at least the target
     k = math.ceil(per_decade * math.log10(min(start, end)) - 1e-9)
     points = []
     while (s := 10 ** (k / per_decade)) < end:
@@ -772,7 +774,7 @@ def start_run(key: RunKey, cfg: Config, data: Data, checkpoint: dict | None) -> 
 def advance_eagerly(runs: list[Run], target: int, until: float = math.inf) -> bool:
     """Step each run to `target` samples, or until time.monotonic() passes `until`; False if a
     stop request came first (the runs then stand where they stopped)."""
-    for run in runs:
+    for run in runs:  # STOP_REQUEST: the signals received (stop requests, below the banner)
         while run.samples < target and not STOP_REQUEST and time.monotonic() < until:
             run.batches.begin_epoch_if_used_up()
             run.loss = run.step()
@@ -801,8 +803,8 @@ def train(
             if not advance(in_flight, point, time.monotonic() + cfg.checkpoint_every):
                 stopped = True
                 break
-            for run in in_flight:  # a checkpoint at least every --checkpoint-every seconds,
-                if run.samples < point and torch.isfinite(run.loss):  # none of a diverging run
+            for run in in_flight:  # a checkpoint at least every --checkpoint-every seconds
+                if run.samples < point:
                     keep(run)
         for run in in_flight:
             if run.samples == point:  # not cut short by a stop request
@@ -1255,7 +1257,9 @@ def move_aside(path: str) -> None:
     if os.path.exists(path):
         stem, ext = os.path.splitext(path)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
-        aside = f"{stem}.{stamp}{ext}"
+        aside, n = f"{stem}.{stamp}{ext}", 1
+        while os.path.exists(aside):  # set aside twice within a second
+            aside, n = f"{stem}.{stamp}-{n}{ext}", n + 1
         os.replace(path, aside)
         print(f"kept {path} aside as {aside}")
 
@@ -1434,8 +1438,8 @@ class ResultsFolder:
         """Save a run as it stands: its checkpoint (its final model once it ended), then its run
         file, then its lines on the screen."""
         saved = False
-        if run.status in ("running", "interrupted"):
-            self.save_state(run.key, run_state(run))  # before the run file: a kill loses nothing
+        if run.status in ("running", "interrupted") and torch.isfinite(run.loss):  # a diverging
+            self.save_state(run.key, run_state(run))  # run keeps its last good checkpoint
         elif run.status in ("done", "diverged"):
             saved = self.save_model(run)
         if run.status == "diverged":
@@ -1700,8 +1704,8 @@ def worker(
         left = train_in_this_process([key], cfg, data, dataclasses.replace(folder, show=send))
         for held, holder in left.items():
             messages.put(("held", held, holder))
-    except Interrupted:
-        pass  # its checkpoint and run file are already written
+    except Interrupted as exc:  # its checkpoint and run file are already written
+        sys.exit(exc.code)
     except DiskFullError as exc:  # the main process stops every worker and says so
         messages.put(("disk full", key, str(exc)))
         sys.exit(1)
@@ -1746,7 +1750,8 @@ class Workers:
                 while self.receive(timeout=0):
                     pass
                 del running[key]
-                if not STOP_REQUEST and key not in self.left:  # else: interrupted, or not ours
+                stopped = STOP_REQUEST or process.exitcode >= 128  # or the worker alone, signalled
+                if not stopped and key not in self.left:  # else its files say it stopped
                     why = f"its worker process ended with exit status {process.exitcode}"
                     self.fail_if_unfinished(key, f"{why} before the run finished")
         if self.disk_full:
@@ -1838,7 +1843,7 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
     the queue of runs replayed."""
     timing, threads_now = {"seed": 0, "lr": cfg.timing_lr}, torch.get_num_threads()
     done = {key: last_point(on_disk.get(key)) for key in todo}
-    pilots = len(LR_CANDIDATES) * cfg.lr_pilot_samples / cfg.batch_size * (cfg.lr == "auto")
+    pilot_steps = len(LR_CANDIDATES) * cfg.lr_pilot_samples / cfg.batch_size * (cfg.lr == "auto")
     if data.train.device.type == "cuda":
         runs = [new_run(key, timing, cfg, data) for key in todo]
         if not runs:
@@ -1848,8 +1853,8 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
         steps = max((schedule_of(cfg)[-1] - done[key]) // cfg.batch_size for key in todo)
         evaluations = sum(seconds_left(cfg, data, done[key], 0.0, eval_s) for key in todo)
         new_runs = sum(not done[key] for key in todo)  # their pilots train one by one, eagerly
-        pilot_s = seconds_per_step(runs[:1], advance_eagerly) * pilots if pilots else 0.0
-        return steps * step_s + evaluations + new_runs * (pilot_s + eval_s * bool(pilots))
+        pilot_s = seconds_per_step(runs[:1], advance_eagerly) * pilot_steps if pilot_steps else 0
+        return steps * step_s + evaluations + new_runs * (pilot_s + eval_s * bool(pilot_steps))
     step_s: dict[tuple[str, int, int], float] = {}
     eval_s: dict[int, float] = {}
 
@@ -1862,7 +1867,7 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
             eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
         seconds = seconds_left(cfg, data, done[key], step_s[kind], eval_s[threads])
         if seconds and not done[key]:  # a new run's pilots, each scored on the training set
-            seconds += pilots * step_s[kind] + eval_s[threads] * bool(pilots)
+            seconds += pilot_steps * step_s[kind] + eval_s[threads] * bool(pilot_steps)
         return seconds  # 0 for a run evaluated to its end: another process is finishing it
 
     now, ends = 0.0, []  # the end times of the runs in flight
@@ -1896,7 +1901,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(Config):
         kwargs = dict(f.metadata)
-        if f.type == "bool" and "action" not in kwargs:
+        if f.type in ("bool", bool) and "action" not in kwargs:
             kwargs["action"] = argparse.BooleanOptionalAction
         default = list(f.default) if isinstance(f.default, tuple) else f.default
         p.add_argument(f"--{f.name.replace('_', '-')}", default=default, **kwargs)
@@ -1937,7 +1942,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error(
             "--device cuda was asked for but CUDA is not available here; use --device cpu or auto"
         )
-    if (problem := check_out_dir(a.out_dir)) is not None:
+    if not (a.plot_only or a.list_runs) and (problem := check_out_dir(a.out_dir)) is not None:
         parser.error(problem)
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}
     for name in ("latent_dims", "methods"):
@@ -2040,7 +2045,7 @@ def main(argv: list[str] | None = None) -> int:
             except Interrupted as exc:
                 code = exc.code
             results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
-        pictures = draw_samples(cfg)
+            pictures = draw_samples(cfg)
     except (CheckpointError, DiskFullError, CaptureError) as exc:  # the last checkpoints kept
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, CheckpointError) else 1

@@ -185,8 +185,9 @@ def test_plot_only_redraws_from_the_run_files_and_a_rerun_or_fresh_start_loses_n
 def test_plot_only_without_results_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert rf.main(["--plot-only", "--out-dir", str(tmp_path)]) == 2
+    assert rf.main(["--plot-only", "--out-dir", str(tmp_path / "typo")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()  # no folder made where nothing is written
 
 
 # -------------------------------------------------------------------------------- time
@@ -275,3 +276,12 @@ def test_benchmark_smoke_prints_every_field(
     assert saved["runs_in_flight"] == 10  # the default configuration's ten runs
     for key in ("steps_per_s_one_run", "steps_per_s_all_runs", "eval_seconds"):
         assert saved[key] > 0
+
+
+def test_files_set_aside_within_one_second_do_not_overwrite_each_other(tmp_path: Path) -> None:
+    path = tmp_path / rf.RESULTS_NAME
+    for text in ("first", "second"):
+        path.write_text(text)
+        os.utime(path, (0, 0))  # the same time stamp both times
+        rf.move_aside(str(path))
+    assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["first", "second"]

@@ -174,7 +174,7 @@ def test_eval_schedule_is_log_spaced_in_whole_minibatches_to_the_target() -> Non
     assert rf.eval_schedule(1_000_000, 100, 100_000, 1) == [100_000, 1_000_000]
     # a target below the start: one point, the target
     assert rf.eval_schedule(3000, 100, 100_000, 10) == [3000]
-    assert rf.eval_schedule(250_050, 100, 100_000, 10)[-1] == 250_000  # whole minibatches
+    assert rf.eval_schedule(250_050, 100, 100_000, 10)[-1] == 250_100  # whole batches, no fewer
     assert rf.eval_schedule(1000, 50, 100, 2) == [100, 300, 1000]
 
 

@@ -290,6 +290,30 @@ def test_a_diverged_run_stops_alone_keeps_its_last_good_model_and_exits_3(
     assert len(fig.axes[0].get_lines()) == 2  # WS drawn; AEVB N_z = 2 has no good point to draw
 
 
+def test_a_run_stopped_after_its_loss_went_non_finite_keeps_its_last_good_checkpoint(
+    synthetic_data: rf.Data, tmp_path: Path
+) -> None:
+    cfg = tiny_config()  # its first point at 1,000 samples: 20 steps
+    folder = rf.ResultsFolder(str(tmp_path), {"test": True}, keys=(rf.RunKey("aevb", 3),))
+    run = rf.start_run(rf.RunKey("aevb", 3), cfg, synthetic_data, None)
+    step, steps = run.step, []
+
+    def poisoned() -> torch.Tensor:  # the 25th step's loss is NaN, and a stop request comes
+        steps.append(step())
+        if len(steps) < 25:
+            return steps[-1]
+        rf.STOP_REQUEST.append(signal.SIGINT)
+        return torch.tensor(math.nan)
+
+    run.step = poisoned
+    try:
+        assert not rf.train([run], cfg, synthetic_data, folder.keep)
+    finally:
+        rf.STOP_REQUEST.clear()
+    assert run.status == "interrupted" and run.samples == 1250
+    assert folder.load_state(run.key)["samples"] == 1000  # not the non-finite state
+
+
 # -------------------------------------------------------------------------------- settings
 def test_a_finished_run_extended_gives_the_numbers_of_one_long_run(
     finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

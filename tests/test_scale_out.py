@@ -59,7 +59,7 @@ def test_list_runs_prints_each_run_with_its_index(
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == ["0 aevb N_z=2", "1 aevb N_z=2 seed 1", "2 aevb N_z=3"]
     assert len(lines) == 8 and lines[-1] == "7 wake-sleep N_z=3 seed 1"
-    assert not (tmp_path / "out" / rf.RESULTS_NAME).exists()  # nothing trained
+    assert not (tmp_path / "out").exists()  # nothing trained, no folder made
 
 
 def test_an_array_of_run_indices_gives_the_numbers_of_one_invocation(
