@@ -1438,8 +1438,9 @@ class ResultsFolder:
         """Save a run as it stands: its checkpoint (its final model once it ended), then its run
         file, then its lines on the screen."""
         saved = False
-        if run.status in ("running", "interrupted") and torch.isfinite(run.loss):  # a diverging
-            self.save_state(run.key, run_state(run))  # run keeps its last good checkpoint
+        # never a checkpoint of a non-finite state: a diverging run keeps its last good one
+        if run.status in ("running", "interrupted") and torch.isfinite(run.loss):
+            self.save_state(run.key, run_state(run))  # before the run file: a kill loses nothing
         elif run.status in ("done", "diverged"):
             saved = self.save_model(run)
         if run.status == "diverged":
