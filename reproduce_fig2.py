@@ -144,7 +144,8 @@ def flag(default: Any, help_text: str, **argparse_kwargs: Any) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything that defines an invocation; each field is the flag --field-name."""
+    """The experiment's settings; each field is the flag --field-name (the verbs --plot-only,
+    --list-runs, --run-index and --fresh are the parser's alone)."""
 
     latent_dims: tuple[int, ...] = flag(
         LATENT_DIMS, "latent sizes, one panel each", nargs="+", type=positive(int), metavar="N_Z"
@@ -200,23 +201,6 @@ class Config:
     data_dir: str = flag(DATA_DIR, "folder that holds MNIST/raw/")
     verify_data: bool = flag(VERIFY_DATA, "check the files against the standard MNIST checksums")
     out_dir: str = flag(OUT_DIR, "folder for the PNG and JSON")
-    plot_only: bool = flag(
-        False, "redraw the PNG from the run files in --out-dir, no training", action="store_true"
-    )
-    fresh: bool = flag(
-        False, "start over: keep the earlier results and checkpoints aside", action="store_true"
-    )
-    list_runs: bool = flag(
-        False,
-        "print the runs of this configuration with their indices, no training",
-        action="store_true",
-    )
-    run_index: int | None = flag(
-        None,
-        "train only the run of this index in --list-runs (one task of a job array, such as "
-        "Slurm's $SLURM_ARRAY_TASK_ID); every task writes the same --out-dir",
-        type=int,
-    )
 
     @property
     def timing_lr(self) -> float:
@@ -650,12 +634,6 @@ def runs_of(cfg: Config) -> list[RunKey]:
     return [RunKey(m, d, i) for m in cfg.methods for d in cfg.latent_dims for i in range(cfg.seeds)]
 
 
-def selected_runs(cfg: Config) -> list[RunKey]:
-    """The runs this invocation trains: all, or with --run-index the one of that index."""
-    runs = runs_of(cfg)
-    return runs if cfg.run_index is None else [runs[cfg.run_index]]
-
-
 def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -> int:
     """A run's own seed, hashed from (seed, method, N_z, seed index): no run depends on another."""
     text = f"{seed}/{method}/{latent_dim}" + f"/{seed_index}" * bool(seed_index)  # 0: left out
@@ -793,6 +771,8 @@ def train(
     (eager steps on the CPU, CUDA graphs on a GPU), scored there, kept; at its end, its log
     p(x) estimate. False if a stop request cut training short."""
     advance = advance or advance_on(runs, cfg)
+    for run in runs:  # each clock counts training from here, not the set-up of its neighbours
+        run.clock = Clock(run.clock.before)
     end = schedule_of(cfg)[-1]
     for point in schedule_of(cfg):
         in_flight = [run for run in runs if run.status == "running" and run.samples < point]
@@ -1319,23 +1299,13 @@ def check_settings(what: str, old: dict, new: dict) -> None:
 
 
 # -------------------------------------------------------------------------------- results folder
-def print_nothing(key: RunKey, record: dict) -> None:
-    """Show nothing of a run (a results folder's default way of showing one)."""
-
-
-def last_point(record: dict | None) -> int:
-    """The samples of a record's last evaluation (0 for none, or no record)."""
-    return record["evals"][-1]["samples"] if record and record["evals"] else 0
-
-
 def ended(record: dict, end: int) -> bool:
     """Whether a record needs no more training to `end`: diverged, or done there or beyond."""
-    return record["status"] == "diverged" or (
-        record["status"] == "done" and last_point(record) >= end
-    )
+    reached = record["evals"][-1]["samples"] if record["evals"] else 0
+    return record["status"] == "diverged" or (record["status"] == "done" and reached >= end)
 
 
-def environment(device: torch.device, threads: int) -> dict:
+def environment(device: torch.device) -> dict:
     """Versions and machine facts that a reader of the results needs."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
@@ -1346,7 +1316,6 @@ def environment(device: torch.device, threads: int) -> dict:
         "device": str(device),
         "device_name": name,
         "cpu_count": cpu_count(),
-        "threads": threads,
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -1358,47 +1327,29 @@ def figure_order(record: dict) -> tuple[int, int, int]:
     return order, record["latent_dim"], record["seed_index"]
 
 
-class RunLock:
-    """One run's lock file, naming its holder; the OS releases it however the holder ends."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.file_lock = path, FileLock(path)
-
-    def acquire(self) -> str | None:
-        """Take the lock: None when taken, else who holds it ("host pid N")."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            self.file_lock.acquire(timeout=0)
-        except Timeout:
-            return holder_named_in(self.path)
-        with contextlib.suppress(OSError), open(self.path, "w") as f:
-            f.write(f"{socket.gethostname()} pid {os.getpid()}")
-        return None
-
-    def release(self) -> None:
-        """Let the run go."""
-        if self.file_lock.is_locked:
-            self.file_lock.release()
-
-
-def holder_named_in(path: str) -> str:
-    """Who a held lock file names as its holder."""
-    with contextlib.suppress(OSError), open(path, errors="replace") as f:
-        return f.read(200).strip() or "another process"
-    return "another process"
+def take_lock(path: str) -> tuple[FileLock, str | None]:
+    """Try to take the lock file at `path`: the lock, and None when taken (the file then names
+    this process), else who holds it ("host pid N"). The OS releases it however its holder ends;
+    release() on a lock not taken does nothing."""
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        with contextlib.suppress(OSError), open(path, errors="replace") as f:
+            return lock, f.read(200).strip() or "another process"
+        return lock, "another process"
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write(f"{socket.gethostname()} pid {os.getpid()}")
+    return lock, None
 
 
 def lock_holder(path: str) -> str | None:
     """Who holds the lock at `path` now, or None when nobody does."""
     if not os.path.exists(path):
         return None
-    probe = FileLock(path)
-    try:
-        probe.acquire(timeout=0)
-    except Timeout:
-        return holder_named_in(path)
-    probe.release()
-    return None
+    lock, holder = take_lock(path)
+    lock.release()
+    return holder
 
 
 @dataclass(frozen=True)
@@ -1413,7 +1364,7 @@ class ResultsFolder:
     header: dict = field(default_factory=dict)  # this invocation's config and environment
     keys: tuple[RunKey, ...] = ()  # this invocation's runs, in figure order
     end: int = 0  # this invocation's last evaluation point: runs done short of it are extended
-    show: Callable[[RunKey, dict], None] = print_nothing  # Progress.show, or a worker's message
+    show: Callable[[RunKey, dict], None] | None = None  # Progress.show, or a worker's message
 
     @property
     def runs_dir(self) -> str:
@@ -1454,7 +1405,8 @@ class ResultsFolder:
         self.save_run(run.record)
         if run.status == "done":
             self.remove_checkpoint(run.key)
-        self.show(run.key, run.record)
+        if self.show:
+            self.show(run.key, run.record)
 
     def state_path(self, key: RunKey, folder: str = "") -> str:
         """The checkpoint of one run (or its file in another folder, such as models/)."""
@@ -1515,13 +1467,12 @@ class ResultsFolder:
         with FileLock(os.path.join(self.runs_dir, ".folder.lock")):
             yield
 
-    def lock(self, key: RunKey) -> tuple[RunLock, str | None]:
+    def lock(self, key: RunKey) -> tuple[FileLock, str | None]:
         """Try to take one run's lock: the lock, and None or who holds it instead."""
-        lock = RunLock(self.path(key, ".lock"))
         with self.exclusive():
-            return lock, lock.acquire()
+            return take_lock(self.path(key, ".lock"))
 
-    def claim(self, key: RunKey) -> tuple[RunLock | None, str | None]:
+    def claim(self, key: RunKey) -> tuple[FileLock | None, str | None]:
         """Take a run's lock: (lock, None); (None, holder) if held; (None, None) if it ended."""
         lock, holder = self.lock(key)
         if holder:
@@ -1584,22 +1535,22 @@ class ResultsFolder:
 def results_header(cfg: Config, device: torch.device) -> dict:
     """What the combined results say besides the runs: the config as used, the environment."""
     config = asdict(cfg) | fixed_constants() | {"eval_schedule": schedule_of(cfg)}
-    return {"config": config, "environment": environment(device, cfg.threads)}
+    return {"config": config, "environment": environment(device)}
 
 
 def open_results(
-    cfg: Config, data: Data, device: torch.device
-) -> tuple[ResultsFolder, dict[RunKey, dict], list[RunKey]]:
-    """This configuration's results folder (--fresh: old files set aside), its run records and
-    the runs left to train; CheckpointError for an unusable file, before any work."""
+    cfg: Config, data: Data, device: torch.device, selected: list[RunKey], fresh: bool = False
+) -> tuple[ResultsFolder, dict[RunKey, int]]:
+    """This configuration's results folder (`fresh`: old files set aside), and the `selected`
+    runs left to train with the samples each has trained; CheckpointError for an unusable file,
+    before any work."""
     fp, end = fingerprint(cfg, data, device), schedule_of(cfg)[-1]
     folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(runs_of(cfg)), end)
-    if cfg.fresh:
+    if fresh:
         for name in (RESULTS_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER, SAMPLES_NAME):
             move_aside(os.path.join(cfg.out_dir, name))
-    on_disk = folder.read()
-    todo = []
-    for key in selected_runs(cfg):
+    on_disk, todo = folder.read(), {}
+    for key in selected:
         record = on_disk.get(key, pending_record(key))
         if ended(record, end):
             log(f"[{key.name}] already {record['status']}: skipped")
@@ -1610,8 +1561,8 @@ def open_results(
                     f"[{key.name}] has trained {state['samples']:,} samples, beyond --samples "
                     f"{cfg.samples:,}; ask for at least that many, or pass --fresh to start over"
                 )
-            todo.append(key)
-    return folder, on_disk, todo
+            todo[key] = state["samples"] if state else 0
+    return folder, todo
 
 
 def glob_json(folder: str) -> list[str]:
@@ -1837,13 +1788,12 @@ def seconds_left(cfg: Config, data: Data, done: int, step_s: float, eval_s: floa
     return (points[-1] - done) / cfg.batch_size * step_s + len(points) * eval_s + closing
 
 
-def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_time: int) -> float:
-    """Seconds to train `todo` here, `at_a_time` runs side by side: fresh runs of each kind
-    timed for a few steps (on the CPU with the threads each will get, on a GPU all together as
-    they will train), one evaluation timed per thread count, the rest counted, and on the CPU
-    the queue of runs replayed."""
+def estimate(cfg: Config, data: Data, todo: dict[RunKey, int], at_a_time: int) -> float:
+    """Seconds to train the runs of `todo` on from the samples each has trained, `at_a_time`
+    side by side: fresh runs of each kind timed for a few steps (on the CPU with the threads
+    each will get, on a GPU all together as they will train), one evaluation timed per thread
+    count, the rest counted, and on the CPU the queue of runs replayed."""
     timing, threads_now = {"seed": 0, "lr": cfg.timing_lr}, torch.get_num_threads()
-    done = {key: last_point(on_disk.get(key)) for key in todo}
     pilot_steps = len(LR_CANDIDATES) * cfg.lr_pilot_samples / cfg.batch_size * (cfg.lr == "auto")
     if data.train.device.type == "cuda":
         runs = [new_run(key, timing, cfg, data) for key in todo]
@@ -1851,9 +1801,9 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
             return 0.0
         step_s = seconds_per_step(runs, advance_on(runs, cfg), graph_steps=cfg.graph_steps)
         eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
-        steps = max((schedule_of(cfg)[-1] - done[key]) // cfg.batch_size for key in todo)
-        evaluations = sum(seconds_left(cfg, data, done[key], 0.0, eval_s) for key in todo)
-        new_runs = sum(not done[key] for key in todo)  # their pilots train one by one, eagerly
+        steps = max((schedule_of(cfg)[-1] - todo[key]) // cfg.batch_size for key in todo)
+        evaluations = sum(seconds_left(cfg, data, todo[key], 0.0, eval_s) for key in todo)
+        new_runs = sum(not todo[key] for key in todo)  # their pilots train one by one, eagerly
         pilot_s = seconds_per_step(runs[:1], advance_eagerly) * pilot_steps if pilot_steps else 0
         return steps * step_s + evaluations + new_runs * (pilot_s + eval_s * bool(pilot_steps))
     step_s: dict[tuple[str, int, int], float] = {}
@@ -1866,8 +1816,8 @@ def estimate(cfg: Config, data: Data, todo: list[RunKey], on_disk: dict, at_a_ti
             run = new_run(key, timing, cfg, data)
             step_s[kind] = seconds_per_step([run], advance_eagerly)
             eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
-        seconds = seconds_left(cfg, data, done[key], step_s[kind], eval_s[threads])
-        if seconds and not done[key]:  # a new run's pilots, each scored on the training set
+        seconds = seconds_left(cfg, data, todo[key], step_s[kind], eval_s[threads])
+        if seconds and not todo[key]:  # a new run's pilots, each scored on the training set
             seconds += pilot_steps * step_s[kind] + eval_s[threads] * bool(pilot_steps)
         return seconds  # 0 for a run evaluated to its end: another process is finishing it
 
@@ -1895,7 +1845,8 @@ def fmt_duration(seconds: float) -> str:
 
 # -------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: one flag per Config field, each defaulting to its constant."""
+    """The command line: one flag per Config field, each defaulting to its constant, and the
+    verbs that say what to do with the configuration."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1906,6 +1857,22 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         default = list(f.default) if isinstance(f.default, tuple) else f.default
         p.add_argument(f"--{f.name.replace('_', '-')}", default=default, **kwargs)
+    verbs = p.add_argument_group("what to do (by default: train the runs left in --out-dir)")
+    verbs.add_argument(
+        "--plot-only", action="store_true", help="redraw from the files in --out-dir, no training"
+    )
+    verbs.add_argument(
+        "--list-runs", action="store_true", help="print the runs with their indices, no training"
+    )
+    verbs.add_argument(
+        "--run-index",
+        type=int,
+        help="train only the run of this index in --list-runs (one task of a job array, such as "
+        "Slurm's $SLURM_ARRAY_TASK_ID); every task writes the same --out-dir",
+    )
+    verbs.add_argument(
+        "--fresh", action="store_true", help="start over: the earlier files are kept aside"
+    )
     return p
 
 
@@ -1921,8 +1888,8 @@ def check_out_dir(path: str) -> str | None:
     return None
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Parse and check the command line; bad values end here with a one-line error, status 2."""
+def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The configuration and the verbs; bad values end here with a one-line error, status 2."""
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.samples < a.batch_size:
@@ -1949,12 +1916,12 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for name in ("latent_dims", "methods"):
         values[name] = tuple(dict.fromkeys(values[name]))  # in order, without repeats
     cfg = Config(**values)
-    if cfg.run_index is not None and not 0 <= cfg.run_index < (n := len(runs_of(cfg))):
+    if a.run_index is not None and not 0 <= a.run_index < (n := len(runs_of(cfg))):
         parser.error(
-            f"--run-index {cfg.run_index} is not a run of this configuration, which has {n} "
+            f"--run-index {a.run_index} is not a run of this configuration, which has {n} "
             f"(0 to {n - 1}); --list-runs lists them"
         )
-    return cfg
+    return cfg, a
 
 
 # -------------------------------------------------------------------------------- main
@@ -1990,24 +1957,24 @@ def plot_only(cfg: Config) -> int:
 
 
 def train_here_or_in_workers(
-    cfg: Config, data: Data, folder: ResultsFolder, todo: list[RunKey], on_disk: dict
+    cfg: Config, data: Data, folder: ResultsFolder, todo: dict[RunKey, int]
 ) -> tuple[dict[RunKey, str], float]:
-    """Say how long it will take, then train `todo`: in worker processes side by side on a CPU,
-    else all in flight here; the runs left to other processes, and the estimate."""
+    """Say how long it will take, then train the runs of `todo`: in worker processes side by
+    side on a CPU, else all in flight here; the runs left to other processes, and the estimate."""
     at_a_time, threads_before = side_by_side(cfg, data.train.device, len(todo)), None
     if at_a_time == 1:
         threads_before = torch.get_num_threads()  # put back after: main() may be called again
         torch.set_num_threads(cfg.threads or cpu_count())
     progress = Progress()
     try:
-        seconds = estimate(cfg, data, todo, on_disk, at_a_time)
+        seconds = estimate(cfg, data, todo, at_a_time)
         n, together = len(todo), at_a_time if data.train.device.type == "cpu" else len(todo)
         work = f"{n} run{'s' * (n != 1)} x {cfg.samples:,} samples, {together} at a time"
         log(f"estimate: {work}: about {fmt_duration(seconds)} here")
         if at_a_time > 1:
-            return Workers(cfg, folder, progress, at_a_time).train(todo), seconds
+            return Workers(cfg, folder, progress, at_a_time).train(list(todo)), seconds
         here = dataclasses.replace(folder, show=progress.show)
-        return train_in_this_process(todo, cfg, data, here), seconds
+        return train_in_this_process(list(todo), cfg, data, here), seconds
     finally:
         if threads_before:
             torch.set_num_threads(threads_before)
@@ -2017,13 +1984,16 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load MNIST, train the runs left in --out-dir, print the table
     and where the files are. The exit status: 0 all done, 1 bad data, a full disk or a failed
     CUDA graph capture, 2 bad flags or files, 3 some run not done, 128 + signal when stopped."""
-    cfg = parse_config(argv)
-    if cfg.list_runs:
+    cfg, verbs = parse_command_line(argv)
+    if verbs.list_runs:
         for i, key in enumerate(runs_of(cfg)):
             print(f"{i} {key.name}")
         return 0
-    if cfg.plot_only:
+    if verbs.plot_only:
         return plot_only(cfg)
+    selected = runs_of(cfg)  # the runs this invocation trains: all, or the one of --run-index
+    if verbs.run_index is not None:
+        selected = [selected[verbs.run_index]]
     device = resolve_device(cfg.device)
     try:
         data = load_data(cfg.data_dir, device, cfg.binarize, cfg.seed, verify=cfg.verify_data)
@@ -2032,7 +2002,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"the training set holds {len(data.train)} images, fewer than one minibatch "
                 f"({cfg.batch_size})"
             )
-        folder, on_disk, todo = open_results(cfg, data, device)  # refuses bad files now
+        # refuses bad files now
+        folder, todo = open_results(cfg, data, device, selected, verbs.fresh)
     except (DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, DataError) else 2
@@ -2042,7 +2013,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_requests():
             try:
-                left, estimated_s = train_here_or_in_workers(cfg, data, folder, todo, on_disk)
+                left, estimated_s = train_here_or_in_workers(cfg, data, folder, todo)
             except Interrupted as exc:
                 code = exc.code
             results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
@@ -2050,7 +2021,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DiskFullError, CaptureError) as exc:  # the last checkpoints kept
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, CheckpointError) else 1
-    selected = selected_runs(cfg)
     ours = [r for r in results["runs"] if RunKey.of(r) in selected]
     if not code and any(r["status"] != "done" for r in ours if RunKey.of(r) not in left):
         code = 3

@@ -69,7 +69,7 @@ def benchmark(
     achieved = rates["one run"] * cfg.batch_size * flops_per_training_sample(20, cfg.hidden_size)
     result: dict[str, float | str | None] = {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "device_name": rf.environment(device, threads)["device_name"],
+        "device_name": rf.environment(device)["device_name"],
         "torch": str(torch.__version__),
         "threads": threads,
         "data": source,

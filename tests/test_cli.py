@@ -30,7 +30,7 @@ def test_editing_a_constant_changes_the_default_run(tmp_path: Path) -> None:
         assert script.count(old) == 1
         script = script.replace(old, new)
     (tmp_path / "edited.py").write_text(script)
-    probe = "import edited; c = edited.parse_config([]); print(c.latent_dims, c.samples)"
+    probe = "import edited; c = edited.parse_command_line([])[0]; print(c.latent_dims, c.samples)"
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
     )
@@ -47,11 +47,15 @@ def test_editing_a_constant_changes_the_default_run(tmp_path: Path) -> None:
 
 
 def test_samples_accepts_both_spellings(tmp_path: Path) -> None:
-    assert rf.parse_config(["--samples", "1e6", "--out-dir", str(tmp_path)]).samples == 1_000_000
     assert (
-        rf.parse_config(["--samples", "1000000", "--out-dir", str(tmp_path)]).samples == 1_000_000
+        rf.parse_command_line(["--samples", "1e6", "--out-dir", str(tmp_path)])[0].samples
+        == 1_000_000
     )
-    assert rf.parse_config(["--lr", "auto", "--out-dir", str(tmp_path)]).lr == "auto"
+    assert (
+        rf.parse_command_line(["--samples", "1000000", "--out-dir", str(tmp_path)])[0].samples
+        == 1_000_000
+    )
+    assert rf.parse_command_line(["--lr", "auto", "--out-dir", str(tmp_path)])[0].lr == "auto"
 
 
 BAD = [
@@ -118,7 +122,7 @@ def test_an_invocation_leaves_results_figure_table_and_models(finished: Finished
         and results["config"]["init_std"] == rf.INIT_STD
     )
     env = results["environment"]
-    for key in ("python", "torch", "torchvision", "pyautoencoder", "device", "threads"):
+    for key in ("python", "torch", "torchvision", "pyautoencoder", "device"):
         assert key in env
     assert [(r["method"], r["latent_dim"], r["status"]) for r in results["runs"]] == [
         ("aevb", 2, "done"),
@@ -206,16 +210,15 @@ def test_the_estimate_counts_what_is_left(
     step_s = 0.01  # the timings fixed, so that only the counting is tested
     monkeypatch.setattr(rf, "seconds_per_step", lambda runs, advance: step_s)
     monkeypatch.setattr(rf, "seconds_per_evaluation", lambda vae, data, seed: 0.1)
-    cfg = rf.parse_config(tiny_args(mnist_dir, tmp_path / "out", "--jobs", "2"))
+    cfg = rf.parse_command_line(tiny_args(mnist_dir, tmp_path / "out", "--jobs", "2"))[0]
     data = rf.load_data(str(mnist_dir), torch.device("cpu"), False, 0, verify=False)
     keys = [rf.RunKey("aevb", 2), rf.RunKey("aevb", 3)]
-    fresh = rf.estimate(cfg, data, keys, {}, 2)
-    half = {key: {"evals": [{"samples": 300}]} for key in keys}  # before the first point, 450
+    fresh = rf.estimate(cfg, data, dict.fromkeys(keys, 0), 2)
+    half = dict.fromkeys(keys, 300)  # checkpoints before the first point, 450
     # the two runs side by side, each 300 samples further: 6 steps fewer, the same evaluations
     saved = 300 // cfg.batch_size * step_s
-    assert rf.estimate(cfg, data, keys, half, 2) == pytest.approx(fresh - saved)
-    finishing = {key: {"evals": [{"samples": cfg.samples}]} for key in keys}
-    assert rf.estimate(cfg, data, keys, finishing, 2) == 0.0  # others finish them
+    assert rf.estimate(cfg, data, half, 2) == pytest.approx(fresh - saved)
+    assert rf.estimate(cfg, data, dict.fromkeys(keys, cfg.samples), 2) == 0.0  # others finish
 
 
 # -------------------------------------------------------------------------------- the machine

@@ -91,7 +91,7 @@ def test_a_kill_between_evaluation_points_frees_the_run_and_resumes_from_the_tim
 ) -> None:
     out = tmp_path / "out"
     args = resumable_args(mnist_dir, out, "--checkpoint-every", "0.05")
-    points = set(rf.schedule_of(rf.parse_config(args)))
+    points = set(rf.schedule_of(rf.parse_command_line(args)[0]))
     checkpoint, run_file = out / "checkpoints" / "aevb_nz2.pt", out / "runs" / "aevb_nz2.json"
 
     def between_points() -> bool:
@@ -170,7 +170,10 @@ def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
     assert err.startswith("error: no space left on the device while writing ") and str(out) in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     kept = torch.load(out / "checkpoints" / "aevb_nz2.pt", weights_only=True)
-    assert kept["samples"] == rf.schedule_of(rf.parse_config(resumable_args(mnist_dir, out)))[0]
+    assert (
+        kept["samples"]
+        == rf.schedule_of(rf.parse_command_line(resumable_args(mnist_dir, out))[0])[0]
+    )
     assert not list(out.rglob(".tmp-*"))  # the half-written files are gone
     monkeypatch.setattr(os, "fdopen", real_fdopen)  # space freed
     assert rf.main(resumable_args(mnist_dir, out)) == 0
@@ -246,6 +249,14 @@ def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
         run["status"] == "done"
         and run["evals"][0]["wall_seconds"] < 1000 < run["evals"][-1]["wall_seconds"]
     )
+
+
+def test_a_runs_clock_counts_its_training_not_the_set_up_before_it(synthetic_data: rf.Data) -> None:
+    cfg = tiny_config()
+    run = rf.start_run(rf.RunKey("aevb", 3), cfg, synthetic_data, None)
+    run.clock.start -= 1000  # as if the runs started after it had spent 1000 s on their pilots
+    assert rf.train([run], cfg, synthetic_data, lambda run: None)
+    assert run.record["evals"][-1]["wall_seconds"] < 1000
 
 
 # -------------------------------------------------------------------------------- divergence
@@ -398,7 +409,7 @@ def test_two_invocations_sharing_a_folder_lose_nothing(
         assert a.wait(timeout=120) == 0, a.communicate()[1]
     shared = by_run(out / rf.RESULTS_NAME)
     assert sorted(shared) == [("aevb", 2), ("aevb", 3), ("aevb", 4)]
-    points = rf.schedule_of(rf.parse_config(first))
+    points = rf.schedule_of(rf.parse_command_line(first)[0])
     for status, evals in shared.values():
         assert status == "done" and [e["samples"] for e in evals] == points
     assert [("aevb", 2, *shared["aevb", 2])] == reference
@@ -409,8 +420,9 @@ def test_a_run_another_invocation_trains_is_left_to_it_and_the_same_command_fini
 ) -> None:
     out = tmp_path / "out"
     args = tiny_args(mnist_dir, out, "--methods", "aevb")  # N_z = 2 and 3
-    other = rf.RunLock(str(out / "runs" / "aevb_nz2.lock"))  # another invocation, on N_z = 2
-    assert other.acquire() is None
+    (out / "runs").mkdir(parents=True)
+    other, holder = rf.take_lock(str(out / "runs" / "aevb_nz2.lock"))  # another invocation
+    assert holder is None
     try:
         assert rf.main(args) == 0
     finally:
@@ -433,7 +445,7 @@ def test_an_unfinished_run_beyond_a_smaller_samples_is_refused_in_one_line(
     mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = tiny_args(mnist_dir, tmp_path / "out", "--samples", "300")
-    cfg, cpu = rf.parse_config(args), torch.device("cpu")
+    cfg, cpu = rf.parse_command_line(args)[0], torch.device("cpu")
     data = rf.load_data(str(mnist_dir), cpu, False, cfg.seed, verify=False, download=False)
     folder = rf.ResultsFolder(cfg.out_dir, rf.fingerprint(cfg, data, cpu))
     folder.save_state(rf.RunKey("aevb", 2), {"samples": 500})  # as if stopped at 500 samples

@@ -69,7 +69,7 @@ def test_an_array_of_run_indices_gives_the_numbers_of_one_invocation(
     for index in range(4):  # the tasks of `sbatch --array=0-3`, one after another
         assert rf.main(tiny_args(mnist_dir, array, "--run-index", str(index))) == 0
         out = capsys.readouterr().out
-        name = rf.runs_of(rf.parse_config(tiny_args(mnist_dir, array)))[index].name
+        name = rf.runs_of(rf.parse_command_line(tiny_args(mnist_dir, array))[0])[index].name
         assert f"[{name}] training on" in out and out.count("training on 1 thread") == 1
     assert rf.main([*tiny_args(mnist_dir, array), "--plot-only"]) == 0  # the figure step
     assert rf.main(tiny_args(mnist_dir, whole)) == 0
@@ -115,10 +115,10 @@ def test_the_estimate_counts_workers_beyond_the_cores_as_sharing_them(
     monkeypatch.setattr(rf, "cpu_count", lambda: 2)
     monkeypatch.setattr(rf, "seconds_per_step", lambda runs, advance: 0.01)
     monkeypatch.setattr(rf, "seconds_per_evaluation", lambda vae, data, seed: 0.1)
-    cfg = rf.parse_config(tiny_args(mnist_dir, tmp_path / "out"))  # one thread per worker
+    cfg = rf.parse_command_line(tiny_args(mnist_dir, tmp_path / "out"))[0]  # one thread per worker
     data = rf.load_data(str(mnist_dir), CPU, False, 0, verify=False)
     keys = rf.runs_of(cfg)  # four runs that cost the same
-    one_after_another = rf.estimate(cfg, data, keys, {}, 1)
+    one_after_another = rf.estimate(cfg, data, dict.fromkeys(keys, 0), 1)
     # two workers on two cores take half as long; four take as long as two: they share them
-    assert rf.estimate(cfg, data, keys, {}, 2) == pytest.approx(one_after_another / 2)
-    assert rf.estimate(cfg, data, keys, {}, 4) == pytest.approx(one_after_another / 2)
+    assert rf.estimate(cfg, data, dict.fromkeys(keys, 0), 2) == pytest.approx(one_after_another / 2)
+    assert rf.estimate(cfg, data, dict.fromkeys(keys, 0), 4) == pytest.approx(one_after_another / 2)
