@@ -1003,6 +1003,13 @@ def stop_requests() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def hold_ctrl_c(hold: bool) -> None:
+    """Hold Ctrl-C back (deferred, not lost) from this thread and the processes it starts, so
+    that one reaching a worker while it imports is no traceback; or let it through again."""
+    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere Ctrl-C is not held
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def stop_if_requested() -> None:
     """Raise Interrupted if a stop request came."""
     if STOP_REQUEST:
@@ -1510,32 +1517,23 @@ class ResultsFolder:
         self.publish(figure=stale)
 
     def publish(self, figure: bool = True) -> dict:
-        """Rebuild the combined JSON (and the figure) from all the run files; returns it."""
+        """Rebuild the combined JSON (and the figure) from all the run files; returns it. A run
+        shows as "running" only while a process holds its lock, else as "interrupted"."""
         with self.exclusive():
             on_disk = self.read()
             runs = [on_disk.pop(key, pending_record(key)) for key in self.keys]
             runs += sorted(on_disk.values(), key=figure_order)  # other configurations' runs
-            results = self.header | {"fingerprint": self.fingerprint}
-            results["runs"] = [self.shown(run) for run in runs]
+            for i, run in enumerate(runs):
+                if (
+                    run["status"] == "running"
+                    and lock_holder(self.path(RunKey.of(run), ".lock")) is None
+                ):
+                    runs[i] = run | {"status": "interrupted"}
+            results = self.header | {"fingerprint": self.fingerprint, "runs": runs}
             write_json_atomic(results, os.path.join(self.out_dir, RESULTS_NAME))
         if figure:
             plot_results(results, os.path.join(self.out_dir, FIGURE_NAME))
         return results
-
-    def shown(self, record: dict) -> dict:
-        """A record as the combined file shows it: "running" only while a process holds its run."""
-        if (
-            record["status"] == "running"
-            and lock_holder(self.path(RunKey.of(record), ".lock")) is None
-        ):
-            return record | {"status": "interrupted"}
-        return record
-
-
-def results_header(cfg: Config, device: torch.device) -> dict:
-    """What the combined results say besides the runs: the config as used, the environment."""
-    config = asdict(cfg) | fixed_constants() | {"eval_schedule": schedule_of(cfg)}
-    return {"config": config, "environment": environment(device)}
 
 
 def open_results(
@@ -1545,7 +1543,9 @@ def open_results(
     runs left to train with the samples each has trained; CheckpointError for an unusable file,
     before any work."""
     fp, end = fingerprint(cfg, data, device), schedule_of(cfg)[-1]
-    folder = ResultsFolder(cfg.out_dir, fp, results_header(cfg, device), tuple(runs_of(cfg)), end)
+    config = asdict(cfg) | fixed_constants() | {"eval_schedule": schedule_of(cfg)}  # as used
+    header = {"config": config, "environment": environment(device)}  # what the results say
+    folder = ResultsFolder(cfg.out_dir, fp, header, tuple(runs_of(cfg)), end)
     if fresh:
         for name in (RESULTS_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER, SAMPLES_NAME):
             move_aside(os.path.join(cfg.out_dir, name))
@@ -1645,6 +1645,7 @@ def worker(
     """A worker process: one run, each keeping of it (or who holds it) sent to the main process."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
+    hold_ctrl_c(False)  # a Ctrl-C held back since the start arrives now, as a stop request
     try:
         torch.set_num_threads(threads)
         device = resolve_device(cfg.device)
@@ -1675,8 +1676,7 @@ class Workers:
         self.cfg, self.folder, self.progress, self.jobs = cfg, folder, progress, jobs
         self.ctx = multiprocessing.get_context("spawn")
         self.messages = self.ctx.Queue()
-        self.left: dict[RunKey, str] = {}
-        self.disk_full = ""  # what a worker said when the disk filled
+        self.left, self.disk_full = {}, ""  # runs left to others; a worker's word on a full disk
 
     def train(self, todo: list[RunKey]) -> dict[RunKey, str]:
         """Train the runs in `todo` until each has ended; the runs left to others."""
@@ -1684,15 +1684,19 @@ class Workers:
         while waiting or running:
             if STOP_REQUEST and not forwarded:
                 forwarded, waiting = True, []
-                for process in running.values():
+                for process in running.values():  # SIGTERM ends one still importing, quietly
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.pid, STOP_REQUEST[0])
+                        os.kill(process.pid, signal.SIGTERM)
             while waiting and len(running) < self.jobs:
                 threads = threads_for(self.cfg, min(self.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
                 args = (self.cfg, key, self.folder, self.messages, threads)
                 running[key] = self.ctx.Process(target=worker, args=args, name=key.stem)
-                running[key].start()
+                hold_ctrl_c(True)  # the worker inherits it held until worker() takes it
+                try:
+                    running[key].start()
+                finally:
+                    hold_ctrl_c(False)
             self.receive(timeout=0.2)
             for key, process in list(running.items()):
                 if process.is_alive():
@@ -1716,11 +1720,7 @@ class Workers:
         lock, holder = self.folder.lock(key)
         try:
             record = self.folder.read().get(key) or pending_record(key)
-            if (
-                holder is None
-                and record["status"] != "failed"
-                and not ended(record, self.folder.end)
-            ):
+            if not holder and record["status"] != "failed" and not ended(record, self.folder.end):
                 fail(record, why, trace)
                 self.folder.save_run(record)
         finally:
@@ -1806,22 +1806,7 @@ def estimate(cfg: Config, data: Data, todo: dict[RunKey, int], at_a_time: int) -
         new_runs = sum(not todo[key] for key in todo)  # their pilots train one by one, eagerly
         pilot_s = seconds_per_step(runs[:1], advance_eagerly) * pilot_steps if pilot_steps else 0
         return steps * step_s + evaluations + new_runs * (pilot_s + eval_s * bool(pilot_steps))
-    step_s: dict[tuple[str, int, int], float] = {}
-    eval_s: dict[int, float] = {}
-
-    def duration(key: RunKey, threads: int) -> float:
-        kind = (key.method, key.latent_dim, threads)  # seeds of one setting cost the same
-        torch.set_num_threads(threads)
-        if kind not in step_s:
-            run = new_run(key, timing, cfg, data)
-            step_s[kind] = seconds_per_step([run], advance_eagerly)
-            eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
-        seconds = seconds_left(cfg, data, todo[key], step_s[kind], eval_s[threads])
-        if seconds and not todo[key]:  # a new run's pilots, each scored on the training set
-            seconds += pilot_steps * step_s[kind] + eval_s[threads] * bool(pilot_steps)
-        return seconds  # 0 for a run evaluated to its end: another process is finishing it
-
-    now, ends = 0.0, []  # the end times of the runs in flight
+    now, ends, step_s, eval_s = 0.0, [], {}, {}  # ends: the end times of the runs in flight
     try:
         for i, key in enumerate(todo):
             if len(ends) == at_a_time:
@@ -1829,7 +1814,17 @@ def estimate(cfg: Config, data: Data, todo: dict[RunKey, int], at_a_time: int) -
             ends = [e for e in ends if e > now]
             threads = threads_for(cfg, in_flight := min(at_a_time, len(ends) + len(todo) - i))
             crowded = max(1.0, in_flight * threads / cpu_count())  # more threads than cores
-            ends.append(now + duration(key, threads) * crowded)
+            kind = (key.method, key.latent_dim, threads)  # seeds of one setting cost the same
+            torch.set_num_threads(threads)
+            if kind not in step_s:
+                run = new_run(key, timing, cfg, data)
+                step_s[kind] = seconds_per_step([run], advance_eagerly)
+                eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
+            # 0 for a run evaluated to its end: another process is finishing it
+            seconds = seconds_left(cfg, data, todo[key], step_s[kind], eval_s[threads])
+            if seconds and not todo[key]:  # a new run's pilots, each scored on the training set
+                seconds += pilot_steps * step_s[kind] + eval_s[threads] * bool(pilot_steps)
+            ends.append(now + seconds * crowded)
     finally:
         torch.set_num_threads(threads_now)
     return max(ends, default=0.0)
@@ -1844,9 +1839,10 @@ def fmt_duration(seconds: float) -> str:
 
 
 # -------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: one flag per Config field, each defaulting to its constant, and the
-    verbs that say what to do with the configuration."""
+def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The configuration and the verbs; bad values end here with a one-line error, status 2.
+    One flag per Config field, each defaulting to its constant, and the verbs that say what
+    to do with the configuration."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1873,51 +1869,38 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_argument(
         "--fresh", action="store_true", help="start over: the earlier files are kept aside"
     )
-    return p
-
-
-def check_out_dir(path: str) -> str | None:
-    """None if `path` can be created and written, else why not."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        why = exc.strerror or exc
-        return f"--out-dir {path!r} cannot be created or written ({why}); choose another folder"
-    return None
-
-
-def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """The configuration and the verbs; bad values end here with a one-line error, status 2."""
-    parser = build_parser()
-    a = parser.parse_args(argv)
+    a = p.parse_args(argv)
     if a.samples < a.batch_size:
-        parser.error(
+        p.error(
             f"--samples {a.samples} is less than one minibatch ({a.batch_size}); "
             f"ask for at least {a.batch_size}"
         )
     if a.lr == "auto" and a.lr_pilot_samples < a.batch_size:
-        parser.error(
+        p.error(
             f"--lr-pilot-samples {a.lr_pilot_samples} is less than one minibatch ({a.batch_size})"
         )
     if a.fresh and a.run_index is not None:
-        parser.error(
+        p.error(
             "--fresh with --run-index would set aside the files of the other tasks; empty or "
             "move the folder once before submitting the array instead"
         )
     if a.device == "cuda" and not torch.cuda.is_available():
-        parser.error(
+        p.error(
             "--device cuda was asked for but CUDA is not available here; use --device cpu or auto"
         )
-    if not (a.plot_only or a.list_runs) and (problem := check_out_dir(a.out_dir)) is not None:
-        parser.error(problem)
+    try:  # a folder that can be created and written, unless nothing is written
+        if not (a.plot_only or a.list_runs):
+            os.makedirs(a.out_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=a.out_dir).close()
+    except OSError as exc:
+        why = f"cannot be created or written ({exc.strerror or exc}); choose another folder"
+        p.error(f"--out-dir {a.out_dir!r} {why}")
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}
     for name in ("latent_dims", "methods"):
         values[name] = tuple(dict.fromkeys(values[name]))  # in order, without repeats
     cfg = Config(**values)
     if a.run_index is not None and not 0 <= a.run_index < (n := len(runs_of(cfg))):
-        parser.error(
+        p.error(
             f"--run-index {a.run_index} is not a run of this configuration, which has {n} "
             f"(0 to {n - 1}); --list-runs lists them"
         )

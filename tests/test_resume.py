@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import (
     ROOT,
+    SCRIPT,
     Finished,
     make_mnist_dir,
     measured,
@@ -143,6 +144,26 @@ def test_a_worker_killed_outright_fails_only_its_run(mnist_dir: Path, tmp_path: 
     assert sorted(r["status"] for r in runs) == ["done", "failed"]
     failed = next(r for r in runs if r["status"] == "failed")
     assert "exit status -9" in failed["error"] and f"N_z={failed['latent_dim']}] failed" in stderr
+
+
+def test_ctrl_c_as_the_workers_start_stops_them_without_a_traceback(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    args = tiny_args(mnist_dir, tmp_path / "out", "--jobs", "2")
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal gives a command
+    )
+    try:
+        wait_for(lambda: len(worker_pids(proc.pid)) == 2, proc, "the workers' start")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, while the workers import torch
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
 
 
 def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
