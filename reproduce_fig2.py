@@ -42,6 +42,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from multiprocessing import resource_tracker
 from typing import Any, NamedTuple
 
 import matplotlib
@@ -710,7 +711,8 @@ def run_state(run: Run) -> dict:
 
 
 def load_run_state(run: Run, state: dict) -> None:
-    """Put the run back where run_state() found it, in place (a captured graph keeps working)."""
+    """Put the run back where run_state() found it, its clock aside, in place (a captured graph
+    keeps working)."""
     run.vae.load_state_dict(state["model"])
     for opt, saved in zip(run.opts, state["optimizers"], strict=True):
         # Adagrad makes its state when constructed: copied into, not replaced, for the graphs
@@ -720,7 +722,7 @@ def load_run_state(run: Run, state: dict) -> None:
                 opt.state[p][name].copy_(value)
     run.batches.load_state(state["batches"])
     run.gen.set_state(state["generator"])
-    run.samples, run.clock = state["samples"], Clock(state["wall_seconds"])
+    run.samples = state["samples"]
 
 
 def start_run(key: RunKey, cfg: Config, data: Data, checkpoint: dict | None) -> Run:
@@ -739,6 +741,7 @@ def start_run(key: RunKey, cfg: Config, data: Data, checkpoint: dict | None) -> 
     run = new_run(key, record, cfg, data)
     if checkpoint:
         load_run_state(run, checkpoint)
+        run.clock = Clock(checkpoint["wall_seconds"])
     device = data.train.device
     where = f"{threads} thread{'s' * (threads > 1)}" if device.type == "cpu" else str(device)
     log(f"[{key.name}] training on {where}")
@@ -771,8 +774,8 @@ def train(
     (eager steps on the CPU, CUDA graphs on a GPU), scored there, kept; at its end, its log
     p(x) estimate. False if a stop request cut training short."""
     advance = advance or advance_on(runs, cfg)
-    for run in runs:  # each clock counts training from here, not the set-up of its neighbours
-        run.clock = Clock(run.clock.before)
+    for run in runs:  # each clock counts from here, not the set-up of the runs beside it
+        run.clock.start = time.perf_counter()
     end = schedule_of(cfg)[-1]
     for point in schedule_of(cfg):
         in_flight = [run for run in runs if run.status == "running" and run.samples < point]
@@ -1003,11 +1006,20 @@ def stop_requests() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def hold_ctrl_c(hold: bool) -> None:
-    """Hold Ctrl-C back (deferred, not lost) from this thread and the processes it starts, so
-    that one reaching a worker while it imports is no traceback; or let it through again."""
-    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere Ctrl-C is not held
-        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, [signal.SIGINT])
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C held back (deferred, not lost) in the block from this thread and the processes
+    it starts, which keep it held until they let it through: one that reaches a worker while
+    it imports is then no traceback. POSIX only; elsewhere nothing is held."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    resource_tracker.ensure_running()  # now: starting, it would let Ctrl-C through
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def stop_if_requested() -> None:
@@ -1561,6 +1573,11 @@ def open_results(
                     f"[{key.name}] has trained {state['samples']:,} samples, beyond --samples "
                     f"{cfg.samples:,}; ask for at least that many, or pass --fresh to start over"
                 )
+            if state and state["samples"] == end and state["run"]["status"] == "done":
+                folder.save_run(state["run"])  # killed between its final model and run file
+                folder.remove_checkpoint(key)
+                log(f"[{key.name}] already done: skipped")
+                continue
             todo[key] = state["samples"] if state else 0
     return folder, todo
 
@@ -1645,7 +1662,8 @@ def worker(
     """A worker process: one run, each keeping of it (or who holds it) sent to the main process."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    hold_ctrl_c(False)  # a Ctrl-C held back since the start arrives now, as a stop request
+    if hasattr(signal, "pthread_sigmask"):  # a Ctrl-C held back since it started comes now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     try:
         torch.set_num_threads(threads)
         device = resolve_device(cfg.device)
@@ -1692,11 +1710,8 @@ class Workers:
                 key = waiting.pop(0)
                 args = (self.cfg, key, self.folder, self.messages, threads)
                 running[key] = self.ctx.Process(target=worker, args=args, name=key.stem)
-                hold_ctrl_c(True)  # the worker inherits it held until worker() takes it
-                try:
+                with ctrl_c_held():  # until worker() takes it
                     running[key].start()
-                finally:
-                    hold_ctrl_c(False)
             self.receive(timeout=0.2)
             for key, process in list(running.items()):
                 if process.is_alive():
@@ -1820,7 +1835,6 @@ def estimate(cfg: Config, data: Data, todo: dict[RunKey, int], at_a_time: int) -
                 run = new_run(key, timing, cfg, data)
                 step_s[kind] = seconds_per_step([run], advance_eagerly)
                 eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
-            # 0 for a run evaluated to its end: another process is finishing it
             seconds = seconds_left(cfg, data, todo[key], step_s[kind], eval_s[threads])
             if seconds and not todo[key]:  # a new run's pilots, each scored on the training set
                 seconds += pilot_steps * step_s[kind] + eval_s[threads] * bool(pilot_steps)

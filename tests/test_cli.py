@@ -218,7 +218,7 @@ def test_the_estimate_counts_what_is_left(
     # the two runs side by side, each 300 samples further: 6 steps fewer, the same evaluations
     saved = 300 // cfg.batch_size * step_s
     assert rf.estimate(cfg, data, half, 2) == pytest.approx(fresh - saved)
-    assert rf.estimate(cfg, data, dict.fromkeys(keys, cfg.samples), 2) == 0.0  # others finish
+    assert rf.estimate(cfg, data, dict.fromkeys(keys, cfg.samples), 2) == 0.0  # nothing left
 
 
 # -------------------------------------------------------------------------------- the machine

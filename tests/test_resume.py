@@ -107,6 +107,10 @@ def test_a_kill_between_evaluation_points_frees_the_run_and_resumes_from_the_tim
         proc.wait(timeout=60)
     lock = out / "runs" / "aevb_nz2.lock"
     assert lock.exists() and rf.lock_holder(str(lock)) is None  # the kill released it
+    cfg, cpu = rf.parse_command_line(args)[0], torch.device("cpu")
+    data = rf.load_data(str(mnist_dir), cpu, False, cfg.seed, verify=False, download=False)
+    _, todo = rf.open_results(cfg, data, cpu, rf.runs_of(cfg))  # what the estimate costs
+    assert todo == {rf.RunKey("aevb", 2): torch.load(checkpoint, weights_only=True)["samples"]}
     assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
     (run,) = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
     assert run["status"] == "interrupted"  # "running" in its file, but nobody holds it
@@ -146,6 +150,9 @@ def test_a_worker_killed_outright_fails_only_its_run(mnist_dir: Path, tmp_path: 
     assert "exit status -9" in failed["error"] and f"N_z={failed['latent_dim']}] failed" in stderr
 
 
+@pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes"
+)
 def test_ctrl_c_as_the_workers_start_stops_them_without_a_traceback(
     mnist_dir: Path, tmp_path: Path
 ) -> None:
@@ -162,7 +169,9 @@ def test_ctrl_c_as_the_workers_start_stops_them_without_a_traceback(
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, while the workers import torch
         _, stderr = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, if it failed
+        proc.wait(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
 
 
@@ -272,7 +281,15 @@ def test_a_resumed_run_counts_the_time_it_trained_before_its_stop(
     )
 
 
-def test_a_runs_clock_counts_its_training_not_the_set_up_before_it(synthetic_data: rf.Data) -> None:
+def test_a_runs_clock_counts_its_training_not_the_set_up_before_it(
+    synthetic_data: rf.Data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def capture(runs: list[rf.Run], cfg: rf.Config) -> rf.Advance:  # as CUDA graphs' does
+        for run in runs:
+            rf.load_run_state(run, rf.run_state(run))
+        return rf.advance_eagerly
+
+    monkeypatch.setattr(rf, "advance_on", capture)
     cfg = tiny_config()
     run = rf.start_run(rf.RunKey("aevb", 3), cfg, synthetic_data, None)
     run.clock.start -= 1000  # as if the runs started after it had spent 1000 s on their pilots
@@ -383,6 +400,21 @@ def test_a_finished_run_extended_gives_the_numbers_of_one_long_run(
     ]
 
 
+def test_a_run_killed_between_its_final_model_and_its_run_file_is_done_when_called_again(
+    finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = finished.copy(tmp_path / "out")
+    run_file = out / "runs" / "aevb_nz2.json"
+    saved = json.loads(run_file.read_text())
+    done = saved["run"]
+    # its run file as the kill left it: still running, without its last evaluation and log p(x)
+    before = {k: v for k, v in done.items() if k != "log_px"} | {"status": "running"}
+    run_file.write_text(json.dumps(saved | {"run": before | {"evals": done["evals"][:-1]}}))
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    assert "[aevb N_z=2] already done: skipped" in capsys.readouterr().out
+    assert json.loads(run_file.read_text())["run"] == done
+
+
 def test_a_folder_refuses_other_settings_in_one_line_and_not_those_that_keep_the_numbers(
     finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -441,7 +473,6 @@ def test_a_run_another_invocation_trains_is_left_to_it_and_the_same_command_fini
 ) -> None:
     out = tmp_path / "out"
     args = tiny_args(mnist_dir, out, "--methods", "aevb")  # N_z = 2 and 3
-    (out / "runs").mkdir(parents=True)
     other, holder = rf.take_lock(str(out / "runs" / "aevb_nz2.lock"))  # another invocation
     assert holder is None
     try:
