@@ -1999,8 +1999,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the training set holds {len(data.train)} images, fewer than one minibatch "
                 f"({cfg.batch_size})"
             )
-        # refuses bad files now
-        folder, todo = open_results(cfg, data, device, selected, verbs.fresh)
+        folder, todo = open_results(cfg, data, device, selected, verbs.fresh)  # bad files: now
     except (DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, DataError) else 2
