@@ -1694,7 +1694,8 @@ class Workers:
         self.cfg, self.folder, self.progress, self.jobs = cfg, folder, progress, jobs
         self.ctx = multiprocessing.get_context("spawn")
         self.messages = self.ctx.Queue()
-        self.left, self.disk_full = {}, ""  # runs left to others; a worker's word on a full disk
+        self.left: dict[RunKey, str] = {}  # runs left to other processes, with their holders
+        self.disk_full = ""  # what a worker said when the disk filled
 
     def train(self, todo: list[RunKey]) -> dict[RunKey, str]:
         """Train the runs in `todo` until each has ended; the runs left to others."""
