@@ -1346,10 +1346,10 @@ def figure_order(record: dict) -> tuple[int, int, int]:
     return order, record["latent_dim"], record["seed_index"]
 
 
-def take_lock(path: str) -> tuple[FileLock, str | None]:
+def take_lock(path: str, probe: bool = False) -> tuple[FileLock, str | None]:
     """Try to take the lock file at `path`: the lock, and None when taken (the file then names
-    this process), else who holds it ("host pid N"). The OS releases it however its holder ends;
-    release() on a lock not taken does nothing."""
+    this process, unless only probing), else who holds it ("host pid N"). The OS releases it
+    however its holder ends; release() on a lock not taken does nothing."""
     lock = FileLock(path)
     try:
         lock.acquire(timeout=0)
@@ -1357,8 +1357,9 @@ def take_lock(path: str) -> tuple[FileLock, str | None]:
         with contextlib.suppress(OSError), open(path, errors="replace") as f:
             return lock, f.read(200).strip() or "another process"
         return lock, "another process"
-    with contextlib.suppress(OSError), open(path, "w") as f:
-        f.write(f"{socket.gethostname()} pid {os.getpid()}")
+    if not probe:
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            f.write(f"{socket.gethostname()} pid {os.getpid()}")
     return lock, None
 
 
@@ -1366,7 +1367,7 @@ def lock_holder(path: str) -> str | None:
     """Who holds the lock at `path` now, or None when nobody does."""
     if not os.path.exists(path):
         return None
-    lock, holder = take_lock(path)
+    lock, holder = take_lock(path, probe=True)
     lock.release()
     return holder
 
@@ -1864,7 +1865,7 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.
     )
     for f in dataclasses.fields(Config):
         kwargs = dict(f.metadata)
-        if f.type in ("bool", bool) and "action" not in kwargs:
+        if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         default = list(f.default) if isinstance(f.default, tuple) else f.default
         p.add_argument(f"--{f.name.replace('_', '-')}", default=default, **kwargs)

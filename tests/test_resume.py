@@ -468,6 +468,13 @@ def test_two_invocations_sharing_a_folder_lose_nothing(
     assert [("aevb", 2, *shared["aevb", 2])] == reference
 
 
+def test_asking_who_holds_a_free_lock_leaves_its_file_as_it_was(tmp_path: Path) -> None:
+    lock = tmp_path / "aevb_nz2.lock"
+    lock.write_text("host pid 1")  # its last holder
+    assert rf.lock_holder(str(lock)) is None
+    assert lock.read_text() == "host pid 1"
+
+
 def test_a_run_another_invocation_trains_is_left_to_it_and_the_same_command_finishes_it(
     mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
