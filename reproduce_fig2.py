@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import platform
 import queue
+import re
 import signal
 import socket
 import statistics
@@ -68,7 +69,7 @@ LR_PILOT_SAMPLES: int = 100_000  # training samples of each pilot run when LR is
 MC_SAMPLES: int = 1  # z samples per datapoint, L (in training and in the evaluator)
 WEIGHT_DECAY: float = 1 / 60_000  # N(0, I) prior on parameters, per datapoint: 1 / N_train
 INIT_STD: float = 0.01  # standard deviation of the N(0, .) initialisation of every parameter
-SAMPLES: int = 10_000_000  # training samples per (method, N_z) run
+SAMPLES: int = 10_000_000  # training samples per (method, N_z) run (a flag takes 1e7 too)
 EVAL_START: int = 100_000  # evaluations from the first grid point at or above this (axis: 1e5)
 EVALS_PER_DECADE: int = 10  # log-spaced evaluation points per factor of ten of samples
 EVAL_BATCH_SIZE: int = 5_000  # images per forward pass when scoring the ELBO
@@ -103,31 +104,21 @@ METHOD_STYLE = {"aevb": ("AEVB", "tab:red"), "wake-sleep": ("WS", "tab:blue")}  
 
 
 def positive(kind: type, or_zero: bool = False) -> Callable[[str], Any]:
-    """A command-line value parser for a positive int or float (or zero, with `or_zero`)."""
+    """A command-line value parser for a positive int or float (or zero, with `or_zero`); whole
+    numbers may be written 1e6."""
 
     def parse(text: str) -> int | float:
         try:
-            value = kind(text)
+            value = float(text)
         except ValueError:
-            what = "whole number" if kind is int else "number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
-        if not (value > 0 or (or_zero and value == 0)) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not (value > 0 or (or_zero and value == 0)):
             raise argparse.ArgumentTypeError(f"{text!r} must be positive" + " or 0" * or_zero)
-        return value
+        if kind is int and value != int(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a whole number")
+        return kind(value)
 
     return parse
-
-
-def sample_count(text: str) -> int:
-    """A command-line value parser for a sample count written as 1000000 or 1e6."""
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"{text!r} is not a number of samples (write 1e6 or 1000000)"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not math.isfinite(value) or value != int(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number of samples")
-    return int(value)
 
 
 def learning_rate(text: str) -> float | str:
@@ -138,70 +129,41 @@ def learning_rate(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{exc}: give a positive step size or auto") from None
 
 
-def flag(default: Any, help_text: str, **argparse_kwargs: Any) -> Any:
-    """A Config field: its default is a constant, its metadata the arguments of its flag."""
-    return field(default=default, metadata={"help": help_text, **argparse_kwargs})
+WHOLE, WHOLE_OR_0 = positive(int), positive(int, or_zero=True)  # value parsers of counts
+
+
+def flag(default: Any, **argparse_kwargs: Any) -> Any:
+    """A Config field: its default is a constant, its metadata the arguments of its flag (whose
+    help is the constant's comment)."""
+    return field(default=default, metadata=argparse_kwargs)
 
 
 @dataclass(frozen=True)
 class Config:
-    """The experiment's settings; each field is the flag --field-name (the verbs --plot-only,
-    --list-runs, --run-index and --fresh are the parser's alone)."""
+    """The experiment's settings: each field is the flag --field-name, defaulting to the constant
+    FIELD_NAME (the verbs --plot-only, --list-runs, --run-index and --fresh are the parser's)."""
 
-    latent_dims: tuple[int, ...] = flag(
-        LATENT_DIMS, "latent sizes, one panel each", nargs="+", type=positive(int), metavar="N_Z"
-    )
-    methods: tuple[str, ...] = flag(METHODS, "training algorithms", nargs="+", choices=METHODS)
-    samples: int = flag(SAMPLES, "training samples per run (1e6 or 1000000)", type=sample_count)
-    eval_start: int = flag(EVAL_START, "first evaluation point, in samples", type=sample_count)
-    evals_per_decade: int = flag(
-        EVALS_PER_DECADE, "evaluation points per decade of samples", type=positive(int)
-    )
-    lr: float | str = flag(
-        LR,
-        f"Adagrad step size, or 'auto' to pick from {list(LR_CANDIDATES)}",
-        type=learning_rate,
-    )
-    lr_pilot_samples: int = flag(
-        LR_PILOT_SAMPLES, "samples per pilot run with --lr auto", type=sample_count
-    )
-    batch_size: int = flag(BATCH_SIZE, "minibatch size", type=positive(int))
-    hidden_size: int = flag(HIDDEN_SIZE, "hidden units of encoder and decoder", type=positive(int))
-    binarize: bool = flag(BINARIZE, "stochastic binarization of the images")
-    seed: int = flag(SEED, "master random seed", type=int)
-    seeds: int = flag(
-        SEEDS, "seeds per (method, N_z): the figure draws median and range", type=positive(int)
-    )
-    iw_samples: int = flag(
-        IW_SAMPLES,
-        "K of the importance-weighted log p(x) estimate of a finished run",
-        type=positive(int),
-    )
-    device: str = flag(DEVICE, "where to train", choices=("auto", "cpu", "cuda"))
-    threads: int = flag(
-        THREADS,
-        "CPU threads per process (0: the cores shared among the processes in flight)",
-        type=positive(int, or_zero=True),
-    )
-    jobs: int = flag(
-        JOBS,
-        "CPU: runs trained side by side in worker processes (0: one per usable core, up to the "
-        "runs and to what the available memory holds)",
-        type=positive(int, or_zero=True),
-    )
-    graph_steps: int = flag(
-        GRAPH_STEPS,
-        "CUDA: training steps per CUDA graph (0: no graphs, eager steps; the same numbers)",
-        type=positive(int, or_zero=True),
-    )
-    checkpoint_every: float = flag(
-        CHECKPOINT_EVERY,
-        "seconds of training between checkpoints, besides the one at each evaluation point",
-        type=positive(float),
-    )
-    data_dir: str = flag(DATA_DIR, "folder that holds MNIST/raw/")
-    verify_data: bool = flag(VERIFY_DATA, "check the files against the standard MNIST checksums")
-    out_dir: str = flag(OUT_DIR, "folder for the PNG and JSON")
+    latent_dims: tuple[int, ...] = flag(LATENT_DIMS, nargs="+", type=WHOLE, metavar="N_Z")
+    methods: tuple[str, ...] = flag(METHODS, nargs="+", choices=METHODS)
+    samples: int = flag(SAMPLES, type=WHOLE)
+    eval_start: int = flag(EVAL_START, type=WHOLE)
+    evals_per_decade: int = flag(EVALS_PER_DECADE, type=WHOLE)
+    lr: float | str = flag(LR, type=learning_rate)
+    lr_pilot_samples: int = flag(LR_PILOT_SAMPLES, type=WHOLE)
+    batch_size: int = flag(BATCH_SIZE, type=WHOLE)
+    hidden_size: int = flag(HIDDEN_SIZE, type=WHOLE)
+    binarize: bool = flag(BINARIZE)
+    seed: int = flag(SEED, type=int)
+    seeds: int = flag(SEEDS, type=WHOLE)
+    iw_samples: int = flag(IW_SAMPLES, type=WHOLE)
+    device: str = flag(DEVICE, choices=("auto", "cpu", "cuda"))
+    threads: int = flag(THREADS, type=WHOLE_OR_0)
+    jobs: int = flag(JOBS, type=WHOLE_OR_0)
+    graph_steps: int = flag(GRAPH_STEPS, type=WHOLE_OR_0)
+    checkpoint_every: float = flag(CHECKPOINT_EVERY, type=positive(float))
+    data_dir: str = flag(DATA_DIR)
+    verify_data: bool = flag(VERIFY_DATA)
+    out_dir: str = flag(OUT_DIR)
 
     @property
     def timing_lr(self) -> float:
@@ -1863,8 +1825,10 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    with open(__file__, encoding="utf-8") as source:  # each flag's help: its constant's comment
+        comments = dict(re.findall(r"^([A-Z][A-Z_0-9]*)\b[^\n]*?  # (.*)$", source.read(), re.M))
     for f in dataclasses.fields(Config):
-        kwargs = dict(f.metadata)
+        kwargs = {"help": comments.get(f.name.upper(), ""), **f.metadata}
         if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         default = list(f.default) if isinstance(f.default, tuple) else f.default

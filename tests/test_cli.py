@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,6 +45,18 @@ def test_editing_a_constant_changes_the_default_run(tmp_path: Path) -> None:
         env=wide,
     ).stdout
     assert "(default: [4, 7])" in helped and "(default: 123400)" in helped
+
+
+def test_every_flag_defaults_to_its_constant_and_its_help_is_the_constants_comment(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for f in dataclasses.fields(rf.Config):
+        assert f.default == getattr(rf, f.name.upper()), f.name
+    with pytest.raises(SystemExit):
+        rf.parse_command_line(["--help"])
+    helped = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "--seed SEED master seed; each (method, N_z) run derives its own from it" in helped
+    assert "--jobs JOBS CPU: runs side by side in worker processes" in helped
 
 
 def test_samples_accepts_both_spellings(tmp_path: Path) -> None:
