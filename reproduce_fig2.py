@@ -11,9 +11,10 @@ way the paper does.
 
 Read from the top to the MACHINERY banner to learn the experiment: constants, data, the
 paper's networks, the ELBO, the AEVB and wake-sleep steps, the loop over the runs and the
-figure. Below the banner is what makes long runs safe and fast (stop requests, checkpoints,
-results files and locks, CUDA graphs, worker processes, the time estimate, the command line),
-and last main(), which chains the two. tests/benchmark.py measures the engine's speed.
+figure. Below the banner is what makes long runs safe and fast, in this order: stop requests,
+run settings (device, cores, workers), CUDA graphs, files and fingerprints, the results folder
+(checkpoints, run files, locks), worker processes, the time estimate, the command line; and
+last main(), which chains the two. tests/benchmark.py measures the engine's speed.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ INIT_STD: float = 0.01  # standard deviation of the N(0, .) initialisation of ev
 SAMPLES: int = 10_000_000  # training samples per (method, N_z) run (a flag takes 1e7 too)
 EVAL_START: int = 100_000  # evaluations from the first grid point at or above this (axis: 1e5)
 EVALS_PER_DECADE: int = 10  # log-spaced evaluation points per factor of ten of samples
-EVAL_BATCH_SIZE: int = 5_000  # images per forward pass when scoring the ELBO
-BINARIZE: bool = False  # train on Bernoulli samples of the grey levels
+EVAL_BATCH_SIZE: int = 5_000  # images per forward pass when scoring the ELBO (its noise)
+BINARIZE: bool = False  # train on Bernoulli samples of the grey levels, score fixed ones
 DATA_DIR: str = "./data"  # folder that holds MNIST/raw/ (torchvision layout)
 VERIFY_DATA: bool = True  # check the files against the standard MNIST SHA-256 digests
 OUT_DIR: str = "."  # folder for the PNG and the JSON results
@@ -407,6 +408,11 @@ def evaluate_elbo(vae: VAE, images: Tensor, seed: int = SEED) -> dict[str, float
     return {"elbo": elbo, "log_likelihood": ll, "kl": kl}
 
 
+def gaussian_log_density(z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+    """log N(z; mu, diag(exp(log_var))) summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + log_var + (z - mu).pow(2) * torch.exp(-log_var)).sum(-1)
+
+
 @torch.inference_mode()
 def estimate_log_px(vae: VAE, images: Tensor, k: int = IW_SAMPLES, seed: int = SEED) -> float:
     """Average log p(x) over `images` by importance weighting (Burda et al. 2015): the log of
@@ -449,9 +455,8 @@ def evaluate_point(vae: VAE, data: Data, seed: int) -> dict[str, float]:
 
 # ================================================================================ training steps
 def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[Adagrad]:
-    """Adagrad with the prior's weight decay: one for AEVB, decoder and encoder apart for WS.
-    (No lr_decay: the step size must not read the host-side step count, which CUDA graphs do
-    not move; CudaGraphs.next_replay counts it by hand.)"""
+    """Adagrad with the prior's weight decay: one for AEVB, decoder and encoder apart for WS
+    (no lr_decay, as in the paper; CUDA graphs need a step size that ignores the step count)."""
     groups = {
         "aevb": [list(vae.parameters())],
         "wake-sleep": [list(vae.decoder.parameters()), encoder_parameters(vae)],
@@ -462,29 +467,20 @@ def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[Adagr
 
 def reparameterise(mu: Tensor, log_var: Tensor, gen: torch.Generator) -> Tensor:
     """z = mu + sigma * eps with eps ~ N(0, I): MC_SAMPLES draws per datapoint, [B * L, N_z]."""
-    shape = (len(mu), MC_SAMPLES, mu.shape[-1]) if MC_SAMPLES > 1 else mu.shape
+    shape = (len(mu), MC_SAMPLES, mu.shape[-1])
     eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
-    if MC_SAMPLES == 1:
-        return mu + torch.exp(0.5 * log_var) * eps
     return (mu.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps).flatten(0, 1)
 
 
 def neg_log_px_given_z(vae: VAE, z: Tensor, x: Tensor) -> Tensor:
     """-log p(x|z) of the Bernoulli decoder, summed over pixels and datapoints, mean over L z."""
-    if MC_SAMPLES == 1:
-        return binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
-    x = x.repeat_interleave(MC_SAMPLES, dim=0)
+    x = x.unsqueeze(1).expand(-1, MC_SAMPLES, *x.shape[1:]).flatten(0, 1)  # L = 1: a view
     return binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum") / MC_SAMPLES
 
 
 def kl_to_prior(mu: Tensor, log_var: Tensor) -> Tensor:
     """KL(q(z|x) || N(0, I)) in closed form (the paper's appendix B), summed over datapoints."""
     return 0.5 * (log_var.exp() + mu.pow(2) - 1 - log_var).sum()
-
-
-def gaussian_log_density(z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
-    """log N(z; mu, diag(exp(log_var))) summed over the last dimension."""
-    return -0.5 * (math.log(2 * math.pi) + log_var + (z - mu).pow(2) * torch.exp(-log_var)).sum(-1)
 
 
 def aevb_loss(vae: VAE, x: Tensor, gen: torch.Generator) -> Tensor:
@@ -597,7 +593,14 @@ def runs_of(cfg: Config) -> list[RunKey]:
     return [RunKey(m, d, i) for m in cfg.methods for d in cfg.latent_dims for i in range(cfg.seeds)]
 
 
-def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -> int:
+def pending_record(key: RunKey) -> dict:
+    """The record of a run that no process has started. Records also hold seed, lr, threads
+    (once started), log_px (done), diverged_at, error (failed); statuses: pending, running,
+    interrupted, done, diverged, failed."""
+    return {**key._asdict(), "status": "pending", "evals": []}
+
+
+def run_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -> int:
     """A run's own seed, hashed from (seed, method, N_z, seed index): no run depends on another."""
     text = f"{seed}/{method}/{latent_dim}" + f"/{seed_index}" * bool(seed_index)  # 0: left out
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
@@ -605,7 +608,8 @@ def setting_seed(seed: int, method: str, latent_dim: int, seed_index: int = 0) -
 
 @dataclass
 class Clock:
-    """Wall seconds a run has trained, across stops and resumes."""
+    """Wall seconds a run has trained, across stops and resumes (runs trained in one process
+    take turns: each counts the wall time of them all)."""
 
     before: float = 0.0  # seconds trained by earlier processes
     start: float = field(default_factory=time.perf_counter)
@@ -673,8 +677,8 @@ def run_state(run: Run) -> dict:
 
 
 def load_run_state(run: Run, state: dict) -> None:
-    """Put the run back where run_state() found it, its clock aside, in place (a captured graph
-    keeps working)."""
+    """Put the run back where run_state() found it (its record and clock aside), in place: a
+    captured graph keeps working."""
     run.vae.load_state_dict(state["model"])
     for opt, saved in zip(run.opts, state["optimizers"], strict=True):
         # Adagrad makes its state when constructed: copied into, not replaced, for the graphs
@@ -688,16 +692,17 @@ def load_run_state(run: Run, state: dict) -> None:
 
 
 def start_run(key: RunKey, cfg: Config, data: Data, checkpoint: dict | None) -> Run:
-    """A run ready to train: new (--lr auto: pilots pick its step size), or from `checkpoint`."""
+    """A run ready to train: new (--lr auto: pilots pick its step size), or from `checkpoint`
+    (ResultsFolder.resume_state: the further of its checkpoint and its final model)."""
     threads = torch.get_num_threads()
     if checkpoint:
         record = checkpoint["run"] | {"status": "running", "threads": threads}
         record.pop("log_px", None)  # an extended run's is estimated again at its new end
     else:
-        seed = setting_seed(cfg.seed, *key)
+        seed = run_seed(cfg.seed, *key)
         record = pending_record(key) | {"status": "running", "seed": seed, "threads": threads}
         if cfg.lr == "auto":
-            record["lr"], record["lr_pilot_scores"] = pick_lr(key, cfg, data)
+            record["lr"], record["lr_pilot_scores"] = pick_lr(key, seed, cfg, data)
         else:
             record["lr"] = cfg.lr
     run = new_run(key, record, cfg, data)
@@ -776,13 +781,14 @@ def score(run: Run, evaluation: dict[str, float]) -> None:
         run.record["status"], run.record["diverged_at"] = "diverged", run.samples
 
 
-def pick_lr(key: RunKey, cfg: Config, data: Data) -> tuple[float, dict[str, float | None]]:
+def pick_lr(
+    key: RunKey, seed: int, cfg: Config, data: Data
+) -> tuple[float, dict[str, float | None]]:
     """The paper's step-size choice: the candidate whose short pilot scores the best train ELBO."""
     scores: dict[str, float | None] = {}  # None: the pilot diverged (scored worst)
-    pilot_end = eval_schedule(cfg.lr_pilot_samples, cfg.batch_size, cfg.lr_pilot_samples)[-1]
+    pilot_end = math.ceil(cfg.lr_pilot_samples / cfg.batch_size) * cfg.batch_size
     for lr in LR_CANDIDATES:
-        record = {"seed": setting_seed(cfg.seed, *key), "lr": lr}
-        pilot = new_run(key, record, cfg, data)
+        pilot = new_run(key, {"seed": seed, "lr": lr}, cfg, data)
         advance_eagerly([pilot], pilot_end)
         stop_if_requested()
         finite = bool(torch.isfinite(pilot.loss))
@@ -792,13 +798,6 @@ def pick_lr(key: RunKey, cfg: Config, data: Data) -> tuple[float, dict[str, floa
     best = max(LR_CANDIDATES, key=lambda lr: -math.inf if (s := scores[repr(lr)]) is None else s)
     log(f"[{key.name}] chose lr {best}")
     return best, scores
-
-
-def pending_record(key: RunKey) -> dict:
-    """The record of a run that no process has started. Records also hold seed, lr, threads
-    (once started), log_px (done), diverged_at, error (failed); statuses: pending, running,
-    interrupted, done, diverged, failed."""
-    return {**key._asdict(), "status": "pending", "evals": []}
 
 
 # ================================================================================ figure
@@ -932,9 +931,9 @@ def show_strip(ax: Any, images: Tensor, title: str) -> None:
 
 
 # ################################################################################################
-# MACHINERY: everything below serves long runs (stopping and resuming, checkpoints, results
-# files and locks, CUDA graphs, worker processes, the time estimate, the command
-# line). The experiment is above; main() at the end chains the two.
+# MACHINERY: everything below serves long runs: stop requests, run settings, CUDA graphs, files
+# and fingerprints, the results folder (checkpoints, run files, locks), worker processes, the
+# time estimate, the command line. The experiment is above; main() at the end chains the two.
 # ################################################################################################
 
 
@@ -1248,7 +1247,8 @@ def package_versions() -> dict[str, str]:
 
 def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
     """What a results folder fixes: all that changes a run's numbers or points, and nothing that
-    cannot (--samples, which extends runs, threads, --jobs, --graph-steps, pilots with fixed lr)."""
+    cannot (--samples, which extends runs, threads, --jobs, --graph-steps, pilots with fixed lr,
+    --iw-samples: each log p(x) says its K)."""
     settings = ("eval_start", "evals_per_decade", "lr", "batch_size", "hidden_size")
     settings += ("binarize", "seed") + ("lr_pilot_samples",) * (cfg.lr == "auto")
     versions = package_versions()
@@ -1385,7 +1385,7 @@ class ResultsFolder:
                 flush=True,
             )
         self.save_run(run.record)
-        if run.status == "done":
+        if run.status in ("done", "diverged"):  # ended: its final state is in models/
             self.remove_checkpoint(run.key)
         if self.show:
             self.show(run.key, run.record)
@@ -1436,7 +1436,7 @@ class ResultsFolder:
         return True
 
     def remove_checkpoint(self, key: RunKey) -> None:
-        """Drop a finished run's checkpoint, and the checkpoint folder once it is empty."""
+        """Drop an ended run's checkpoint, and the checkpoint folder once it is empty."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.state_path(key))
         with contextlib.suppress(OSError):  # not empty: other runs still have checkpoints
@@ -1469,18 +1469,18 @@ class ResultsFolder:
 
     def read(self) -> dict[RunKey, dict]:
         """Every run file's record by run; CheckpointError for an unreadable or foreign one."""
-        runs = {}
+        records = {}
         for name in sorted(glob_json(self.runs_dir)):
             path = os.path.join(self.runs_dir, name)
             try:
                 with open(path) as f:
                     saved = json.load(f)
-                run, fp = saved["run"], saved["fingerprint"]
+                record, fp = saved["run"], saved["fingerprint"]
             except (OSError, ValueError, KeyError, TypeError):
                 raise unreadable(path) from None
             check_settings(path, fp, self.fingerprint)
-            runs[RunKey.of(run)] = run
-        return runs
+            records[RunKey.of(record)] = record
+        return records
 
     def save_run(self, record: dict) -> None:
         """Write one run's file atomically, then rebuild the combined JSON (and the figure)."""
@@ -1496,15 +1496,13 @@ class ResultsFolder:
         shows as "running" only while a process holds its lock, else as "interrupted"."""
         with self.exclusive():
             on_disk = self.read()
-            runs = [on_disk.pop(key, pending_record(key)) for key in self.keys]
-            runs += sorted(on_disk.values(), key=figure_order)  # other configurations' runs
-            for i, run in enumerate(runs):
-                if (
-                    run["status"] == "running"
-                    and lock_holder(self.path(RunKey.of(run), ".lock")) is None
-                ):
-                    runs[i] = run | {"status": "interrupted"}
-            results = self.header | {"fingerprint": self.fingerprint, "runs": runs}
+            records = [on_disk.pop(key, pending_record(key)) for key in self.keys]
+            records += sorted(on_disk.values(), key=figure_order)  # other configurations' runs
+            for i, record in enumerate(records):
+                lock = self.path(RunKey.of(record), ".lock")
+                if record["status"] == "running" and lock_holder(lock) is None:
+                    records[i] = record | {"status": "interrupted"}
+            results = self.header | {"fingerprint": self.fingerprint, "runs": records}
             write_json_atomic(results, os.path.join(self.out_dir, RESULTS_NAME))
         if figure:
             plot_results(results, os.path.join(self.out_dir, FIGURE_NAME))
@@ -1912,8 +1910,8 @@ def plot_only(cfg: Config) -> int:
         return 2
     print(f"figure: {png_path}" + f"\nresults: {json_path}" * bool(names))
     try:
-        if pictures := draw_samples(cfg):
-            print(f"samples: {pictures}")
+        if samples_png := draw_samples(cfg):
+            print(f"samples: {samples_png}")
     except (OSError, DataError) as exc:  # the samples picture needs the test digits
         print(f"notice: {SAMPLES_NAME} not redrawn: no MNIST test set ({exc})")
     return 0
@@ -1979,7 +1977,7 @@ def main(argv: list[str] | None = None) -> int:
             except Interrupted as exc:
                 code = exc.code
             results = folder.publish()  # still under stop_requests: Ctrl-C cannot break it
-            pictures = draw_samples(cfg)
+            samples_png = draw_samples(cfg)
     except (CheckpointError, DiskFullError, CaptureError) as exc:  # the last checkpoints kept
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, CheckpointError) else 1
@@ -1990,7 +1988,10 @@ def main(argv: list[str] | None = None) -> int:
     took = time.perf_counter() - started
     estimated = f" (estimated {fmt_duration(estimated_s)})" if estimated_s else ""  # not if stopped
     print(f"wall time: {fmt_duration(took)}{estimated}")
-    print(f"figure: {png_path}\nresults: {json_path}" + f"\nsamples: {pictures}" * bool(pictures))
+    print(
+        f"figure: {png_path}\nresults: {json_path}"
+        + f"\nsamples: {samples_png}" * bool(samples_png)
+    )
     for key, holder in left.items():
         print(f"left to another process: [{key.name}], held by {holder}")
     if code >= 128:

@@ -43,7 +43,7 @@ def benchmark(
     threads = torch.get_num_threads()
 
     def timing_run(key: rf.RunKey) -> rf.Run:
-        record = {"seed": rf.setting_seed(cfg.seed, *key), "lr": cfg.timing_lr}
+        record = {"seed": rf.run_seed(cfg.seed, *key), "lr": cfg.timing_lr}
         return rf.new_run(key, record, cfg, data)
 
     one = [timing_run(rf.RunKey("aevb", 20))]

@@ -198,7 +198,7 @@ def test_auto_step_size_picks_the_best_pilot(
 def test_training_raises_the_elbo_for_both_methods(synthetic_data: rf.Data) -> None:
     for method in rf.METHODS:
         cfg = tiny_config(methods=(method,))
-        record = {"seed": rf.setting_seed(cfg.seed, method, 3), "lr": 0.02}
+        record = {"seed": rf.run_seed(cfg.seed, method, 3), "lr": 0.02}
         fresh = rf.new_run(rf.RunKey(method, 3), record, cfg, synthetic_data)
         start = rf.evaluate_elbo(fresh.vae, synthetic_data.train_eval)["elbo"]
         run = train_n_z3(cfg, synthetic_data, method)

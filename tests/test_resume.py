@@ -335,6 +335,7 @@ def test_a_diverged_run_stops_alone_keeps_its_last_good_model_and_exits_3(
     saved = torch.load(out / "models" / "aevb_nz3.pt")
     assert saved["diverged"] is True and saved["samples"] == 450
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert not (out / "checkpoints").exists()  # ended runs keep no checkpoint
     fig = rf.plot_results(json.loads((out / rf.RESULTS_NAME).read_text()), str(tmp_path / "f.png"))
     assert len(fig.axes[0].get_lines()) == 2  # WS drawn; AEVB N_z = 2 has no good point to draw
 
