@@ -1583,15 +1583,15 @@ def train_in_this_process(
 ) -> dict:
     """Train the runs of `keys` that no other process holds, all in flight here, each from its
     checkpoint if it has one; returns the others with who holds them."""
-    left, locks, runs = {}, [], []
-    try:
+    left, runs = {}, []
+    with contextlib.ExitStack() as held:  # each lock taken is released however this ends
         for key in keys:
             lock, holder = folder.claim(key)
             if holder:
                 left[key] = holder
             if lock is None:
                 continue
-            locks.append(lock)
+            held.callback(lock.release)
             try:
                 runs.append(start_run(key, cfg, data, folder.resume_state(key)))
             except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
@@ -1611,9 +1611,6 @@ def train_in_this_process(
             finished = True
         if not finished:
             stop_if_requested()
-    finally:
-        for lock in locks:
-            lock.release()
     return left
 
 
