@@ -1511,10 +1511,10 @@ class ResultsFolder:
 
 def open_results(
     cfg: Config, data: Data, device: torch.device, selected: list[RunKey], fresh: bool = False
-) -> tuple[ResultsFolder, dict[RunKey, int]]:
+) -> tuple[ResultsFolder, dict[RunKey, int | None]]:
     """This configuration's results folder (`fresh`: old files set aside), and the `selected`
-    runs left to train with the samples each has trained; CheckpointError for an unusable file,
-    before any work."""
+    runs left to train with the samples each has trained (None: not started, so with --lr auto
+    its pilots are to come); CheckpointError for an unusable file, before any work."""
     fp, end = fingerprint(cfg, data, device), schedule_of(cfg)[-1]
     config = asdict(cfg) | fixed_constants() | {"eval_schedule": schedule_of(cfg)}  # as used
     header = {"config": config, "environment": environment(device)}  # what the results say
@@ -1539,7 +1539,7 @@ def open_results(
                 folder.remove_checkpoint(key)
                 log(f"[{key.name}] already done: skipped")
                 continue
-            todo[key] = state["samples"] if state else 0
+            todo[key] = state["samples"] if state else None
     return folder, todo
 
 
@@ -1762,11 +1762,12 @@ def seconds_left(cfg: Config, data: Data, done: int, step_s: float, eval_s: floa
     return (points[-1] - done) / cfg.batch_size * step_s + len(points) * eval_s + closing
 
 
-def estimate(cfg: Config, data: Data, todo: dict[RunKey, int], at_a_time: int) -> float:
-    """Seconds to train the runs of `todo` on from the samples each has trained, `at_a_time`
-    side by side: fresh runs of each kind timed for a few steps (on the CPU with the threads
-    each will get, on a GPU all together as they will train), one evaluation timed per thread
-    count, the rest counted, and on the CPU the queue of runs replayed."""
+def estimate(cfg: Config, data: Data, todo: dict[RunKey, int | None], at_a_time: int) -> float:
+    """Seconds to train the runs of `todo` on from the samples each has trained (None: not
+    started, pilots to come), `at_a_time` side by side: fresh runs of each kind timed for a few
+    steps (on the CPU with the threads each will get, on a GPU all together as they will train),
+    one evaluation timed per thread count, the rest counted, and on the CPU the queue of runs
+    replayed."""
     timing, threads_now = {"seed": 0, "lr": cfg.timing_lr}, torch.get_num_threads()
     pilot_steps = len(LR_CANDIDATES) * cfg.lr_pilot_samples / cfg.batch_size * (cfg.lr == "auto")
     if data.train.device.type == "cuda":
@@ -1775,9 +1776,9 @@ def estimate(cfg: Config, data: Data, todo: dict[RunKey, int], at_a_time: int) -
             return 0.0
         step_s = seconds_per_step(runs, advance_on(runs, cfg), graph_steps=cfg.graph_steps)
         eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
-        steps = max((schedule_of(cfg)[-1] - todo[key]) // cfg.batch_size for key in todo)
-        evaluations = sum(seconds_left(cfg, data, todo[key], 0.0, eval_s) for key in todo)
-        new_runs = sum(not todo[key] for key in todo)  # their pilots train one by one, eagerly
+        steps = max((schedule_of(cfg)[-1] - (todo[key] or 0)) // cfg.batch_size for key in todo)
+        evaluations = sum(seconds_left(cfg, data, todo[key] or 0, 0.0, eval_s) for key in todo)
+        new_runs = sum(todo[key] is None for key in todo)  # pilots train one by one, eagerly
         pilot_s = seconds_per_step(runs[:1], advance_eagerly) * pilot_steps if pilot_steps else 0
         return steps * step_s + evaluations + new_runs * (pilot_s + eval_s * bool(pilot_steps))
     now, ends, step_s, eval_s = 0.0, [], {}, {}  # ends: the end times of the runs in flight
@@ -1794,8 +1795,8 @@ def estimate(cfg: Config, data: Data, todo: dict[RunKey, int], at_a_time: int) -
                 run = new_run(key, timing, cfg, data)
                 step_s[kind] = seconds_per_step([run], advance_eagerly)
                 eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
-            seconds = seconds_left(cfg, data, todo[key], step_s[kind], eval_s[threads])
-            if seconds and not todo[key]:  # a new run's pilots, each scored on the training set
+            seconds = seconds_left(cfg, data, todo[key] or 0, step_s[kind], eval_s[threads])
+            if seconds and todo[key] is None:  # a new run's pilots, each scored on the train set
                 seconds += pilot_steps * step_s[kind] + eval_s[threads] * bool(pilot_steps)
             ends.append(now + seconds * crowded)
     finally:
@@ -1915,7 +1916,7 @@ def plot_only(cfg: Config) -> int:
 
 
 def train_here_or_in_workers(
-    cfg: Config, data: Data, folder: ResultsFolder, todo: dict[RunKey, int]
+    cfg: Config, data: Data, folder: ResultsFolder, todo: dict[RunKey, int | None]
 ) -> tuple[dict[RunKey, str], float]:
     """Say how long it will take, then train the runs of `todo`: in worker processes side by
     side on a CPU, else all in flight here; the runs left to other processes, and the estimate."""

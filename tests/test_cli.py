@@ -232,6 +232,11 @@ def test_the_estimate_counts_what_is_left(
     saved = 300 // cfg.batch_size * step_s
     assert rf.estimate(cfg, data, half, 2) == pytest.approx(fresh - saved)
     assert rf.estimate(cfg, data, dict.fromkeys(keys, cfg.samples), 2) == 0.0  # nothing left
+    # with --lr auto, pilots only for a run not started, not for one stopped after its pilots
+    auto = dataclasses.replace(cfg, lr="auto")
+    pilots = len(rf.LR_CANDIDATES) * cfg.lr_pilot_samples // cfg.batch_size * step_s + 0.1
+    new, after_pilots = (rf.estimate(auto, data, {keys[0]: done}, 1) for done in (None, 0))
+    assert new == pytest.approx(after_pilots + pilots) and after_pilots == pytest.approx(fresh)
 
 
 # -------------------------------------------------------------------------------- the machine
