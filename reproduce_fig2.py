@@ -154,7 +154,7 @@ class Config:
     batch_size: int = flag(BATCH_SIZE, type=WHOLE)
     hidden_size: int = flag(HIDDEN_SIZE, type=WHOLE)
     binarize: bool = flag(BINARIZE)
-    seed: int = flag(SEED, type=int)
+    seed: int = flag(SEED, type=WHOLE_OR_0)
     seeds: int = flag(SEEDS, type=WHOLE)
     iw_samples: int = flag(IW_SAMPLES, type=WHOLE)
     device: str = flag(DEVICE, choices=("auto", "cpu", "cuda"))
@@ -269,6 +269,8 @@ def check_idx_file(path: str) -> None:
             "replace it with the original MNIST file"
         )
     dims = struct.unpack(f">{ndim}I", dims_raw)
+    if dims[0] == 0:
+        raise DataError(f"{path} holds no items: replace it with the original MNIST file")
     expected, actual = 4 + 4 * ndim + math.prod(dims), os.path.getsize(path)
     if actual != expected:
         raise DataError(
@@ -911,8 +913,19 @@ def draw_samples(cfg: Config) -> str | None:
     folder, models = os.path.join(cfg.out_dir, MODELS_FOLDER), {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith(".pt"):
-            saved = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-            if (key := RunKey.of(saved)).seed_index == 0:
+            try:
+                saved = torch.load(
+                    os.path.join(folder, name), map_location="cpu", weights_only=True
+                )
+                key = RunKey.of(saved)
+            except Exception as exc:  # noqa: BLE001 (a damaged model must not cost the picture)
+                print(
+                    f"warning: {folder}/{name} cannot be read ({one_line(exc)}); the samples "
+                    "picture leaves it out",
+                    file=sys.stderr,
+                )
+                continue
+            if key.seed_index == 0:
                 models[key] = saved
     if not models:
         return None
@@ -1476,10 +1489,16 @@ class ResultsFolder:
                 with open(path) as f:
                     saved = json.load(f)
                 record, fp = saved["run"], saved["fingerprint"]
-            except (OSError, ValueError, KeyError, TypeError):
+                key, _ = RunKey.of(record), (record["status"], record["evals"][-1:])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise unreadable(path) from None
+            if name != f"{key.stem}.json":  # a copy kept beside it would pass for the run
+                raise CheckpointError(
+                    f"{path} holds the record of [{key.name}], whose file is {key.stem}.json; "
+                    f"move it out of {self.runs_dir}"
+                )
             check_settings(path, fp, self.fingerprint)
-            records[RunKey.of(record)] = record
+            records[key] = record
         return records
 
     def save_run(self, record: dict) -> None:
@@ -1520,8 +1539,16 @@ def open_results(
     header = {"config": config, "environment": environment(device)}  # what the results say
     folder = ResultsFolder(cfg.out_dir, fp, header, tuple(runs_of(cfg)), end)
     if fresh:
-        for name in (RESULTS_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER, SAMPLES_NAME):
+        names = sorted(os.listdir(folder.runs_dir)) if os.path.isdir(folder.runs_dir) else []
+        locks = [os.path.join(folder.runs_dir, n) for n in names if n.endswith(".lock")]
+        if holders := [h for h in map(lock_holder, locks) if h]:
+            raise CheckpointError(
+                f"--fresh would set aside runs that {holders[0]} is training in {cfg.out_dir}; "
+                "let it finish or stop it first, or use another --out-dir"
+            )
+        for name in (RESULTS_NAME, FIGURE_NAME, SAMPLES_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER):
             move_aside(os.path.join(cfg.out_dir, name))
+        move_aside(folder.models_dir)
     on_disk, todo = folder.read(), {}
     for key in selected:
         record = on_disk.get(key, pending_record(key))
@@ -1855,6 +1882,8 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.
         p.error(
             f"--lr-pilot-samples {a.lr_pilot_samples} is less than one minibatch ({a.batch_size})"
         )
+    if a.seed >= 2**32:
+        p.error(f"--seed {a.seed} is too large: give a whole number from 0 to {2**32 - 1}")
     if a.fresh and a.run_index is not None:
         p.error(
             "--fresh with --run-index would set aside the files of the other tasks; empty or "
@@ -1942,7 +1971,8 @@ def train_here_or_in_workers(
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load MNIST, train the runs left in --out-dir, print the table
     and where the files are. The exit status: 0 all done, 1 bad data, a full disk or a failed
-    CUDA graph capture, 2 bad flags or files, 3 some run not done, 128 + signal when stopped."""
+    CUDA graph capture, 2 bad flags or files, 3 some run not done (runs that other processes
+    hold aside: a shared folder's own processes finish them), 128 + signal when stopped."""
     cfg, verbs = parse_command_line(argv)
     if verbs.list_runs:
         for i, key in enumerate(runs_of(cfg)):

@@ -87,6 +87,8 @@ BAD = [
     ["--jobs", "-1"],
     ["--threads", "-2"],
     ["--graph-steps", "-1"],
+    ["--seed", "-1"],
+    ["--seed", "1e30"],
     ["--methods", "gan"],
     ["--device", "tpu"],
 ]

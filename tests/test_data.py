@@ -50,14 +50,20 @@ def replace_with_html(path: Path) -> None:
     path.write_bytes(b"<html>not mnist</html>")
 
 
+def emptied(path: Path) -> None:
+    """An IDX file of no items: its header alone, with a count of 0."""
+    path.write_bytes(path.read_bytes()[:4] + b"\x00\x00\x00\x00")
+
+
 @pytest.mark.parametrize(
     "damage, file, said",
     [
         (None, "", "the train split does not match the standard MNIST checksums"),
         (truncate, "t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte is truncated"),
         (replace_with_html, "train-labels-idx1-ubyte", "train-labels-idx1-ubyte is not an IDX"),
+        (emptied, "t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte holds no items"),
     ],
-    ids=["not-mnist", "truncated", "not-idx"],
+    ids=["not-mnist", "truncated", "not-idx", "empty"],
 )
 def test_data_that_is_not_mnist_is_one_line_naming_the_file(
     damage: Callable[[Path], None] | None,

@@ -9,10 +9,12 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -447,6 +449,67 @@ def test_an_unreadable_checkpoint_is_reported_not_discarded(
     assert ckpt.stat().st_size == 1000  # still there, untouched
     assert rf.main([*args, "--fresh"]) == 0
     assert [p.name for p in out.glob("checkpoints.*/aevb_nz2.pt")] == ["aevb_nz2.pt"]  # kept aside
+
+
+def stray_copy(runs: Path) -> None:
+    """A run file copied beside itself, as a user keeping a backup would."""
+    shutil.copy(runs / "aevb_nz2.json", runs / "aevb_nz2_backup.json")
+
+
+def without_evals(runs: Path) -> None:
+    """A run file edited by hand, its evaluations gone."""
+    saved = json.loads((runs / "aevb_nz2.json").read_text())
+    del saved["run"]["evals"]
+    (runs / "aevb_nz2.json").write_text(json.dumps(saved))
+
+
+def not_a_record(runs: Path) -> None:
+    """A run file whose record is not one."""
+    saved = json.loads((runs / "aevb_nz2.json").read_text())
+    (runs / "aevb_nz2.json").write_text(json.dumps(saved | {"run": []}))
+
+
+@pytest.mark.parametrize("damage", [stray_copy, without_evals, not_a_record])
+def test_a_damaged_or_stray_run_file_is_refused_in_one_line(
+    damage: Callable[[Path], None],
+    finished: Finished,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = finished.copy(tmp_path / "out")
+    damage(out / "runs")
+    for verb in ([], ["--plot-only"]):
+        assert rf.main(tiny_args(finished.data_dir, out, *verb)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert str(out / "runs" / "aevb_nz2") in err
+
+
+def test_a_damaged_model_leaves_the_samples_picture_without_it(
+    finished: Finished, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = finished.copy(tmp_path / "out")
+    model = out / "models" / "aevb_nz2.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    assert rf.main(tiny_args(finished.data_dir, out)) == 0  # every run done: nothing to train
+    err = capsys.readouterr().err
+    assert f"{model} cannot be read" in err and "Traceback" not in err
+    assert (out / rf.SAMPLES_NAME).exists()
+
+
+def test_fresh_refuses_a_folder_that_another_process_trains(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    other, holder = rf.take_lock(str(out / "runs" / "aevb_nz2.lock"))  # another invocation
+    assert holder is None
+    try:
+        assert rf.main(tiny_args(mnist_dir, out, "--fresh")) == 2
+    finally:
+        other.release()
+    err = capsys.readouterr().err
+    assert "--fresh would set aside runs that" in err and "is training" in err
+    assert (out / "runs" / "aevb_nz2.lock").exists() and not list(tmp_path.glob("out/runs.*"))
 
 
 # -------------------------------------------------------------------------------- shared folders
