@@ -843,23 +843,26 @@ def seed_band(runs: list[dict], name: str) -> tuple[list[int], list, list, list]
 
 
 def results_table(results: dict) -> str:
-    """The last ELBOs and test log p(x) per (method, N_z), as Markdown; seeds: median (range)."""
+    """The last ELBOs and test log p(x) per (method, N_z), as Markdown; seeds: median (range);
+    each log p(x) with its K when the runs' K differ."""
     lines = [
         "| method | N_z | seeds | samples | train ELBO | test ELBO | test log p(x) | gap "
         "| status |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    all_k = {r["log_px"]["k"] for r in results["runs"] if r.get("log_px")}  # several: say each
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in results["runs"]:
         groups.setdefault((r["method"], r["latent_dim"]), []).append(r)
     for (method, latent_dim), runs in groups.items():
         last = [r["evals"][-1] for r in runs if r["evals"]]
         iw = [(r["log_px"]["test"], r["evals"][-1]["test_elbo"]) for r in runs if r.get("log_px")]
+        ks = ", ".join(str(k) for k in sorted({r["log_px"]["k"] for r in runs if r.get("log_px")}))
         cells = [
             spread([e["samples"] for e in last], "{:,.0f}"),
             spread([e["train_elbo"] for e in last]),
             spread([e["test_elbo"] for e in last]),
-            spread([log_px for log_px, _ in iw]),
+            spread([log_px for log_px, _ in iw]) + f" (K = {ks})" * (len(all_k) > 1 and bool(ks)),
             spread([log_px - elbo for log_px, elbo in iw]),
         ]
         status = ", ".join(dict.fromkeys(r["status"] for r in runs))

@@ -110,6 +110,9 @@ def test_the_table_gives_each_setting_once_with_the_median_and_range_of_its_seed
         "| -139.00 (-143.00 to -137.00) | - | - | done |",
         "| WS | 3 | 1 | 10,000,000 | -138.00 | -139.00 | -138.50 | 0.50 | done |",
     ]
+    results["runs"][0]["log_px"] = {"test": -137.0, "k": 5}  # estimates of other K: said so
+    table = rf.results_table(results).splitlines()
+    assert "| -137.00 (K = 5) |" in table[2] and "| -138.50 (K = 100) |" in table[3]
 
 
 def test_samples_picture_sets_methods_side_by_side_per_latent_size(
