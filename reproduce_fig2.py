@@ -742,7 +742,7 @@ def train(
     """The experiment: every run in flight advanced from one evaluation point to the next
     (eager steps on the CPU, CUDA graphs on a GPU), scored there, kept; at its end, its log
     p(x) estimate. False if a stop request cut training short."""
-    advance = advance or advance_on(runs, cfg)
+    advance = advance or (advance_eagerly if STOP_REQUEST else advance_on(runs, cfg))
     for run in runs:  # each clock counts from here, not the set-up of the runs beside it
         run.clock.start = time.perf_counter()
     end = schedule_of(cfg)[-1]
@@ -1616,6 +1616,8 @@ def train_in_this_process(
     left, runs = {}, []
     with contextlib.ExitStack() as held:  # each lock taken is released however this ends
         for key in keys:
+            if STOP_REQUEST:  # the runs started so far are kept by train(), pilots and all
+                break
             lock, holder = folder.claim(key)
             if holder:
                 left[key] = holder
@@ -1624,11 +1626,12 @@ def train_in_this_process(
             held.callback(lock.release)
             try:
                 runs.append(start_run(key, cfg, data, folder.resume_state(key)))
+            except Interrupted:  # during its pilots: the runs before it are kept as above
+                break
             except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
                 record = folder.read().get(key) or pending_record(key)
                 fail(record, one_line(exc), traceback.format_exc())
                 folder.save_run(record)
-            stop_if_requested()
         try:
             finished = train(runs, cfg, data, folder.keep)
         except (DiskFullError, CaptureError):
@@ -1639,7 +1642,7 @@ def train_in_this_process(
                 fail(run.record, one_line(exc), trace)
                 folder.save_run(run.record)
             finished = True
-        if not finished:
+        if not finished or not runs:
             stop_if_requested()
     return left
 

@@ -451,6 +451,29 @@ def test_an_unreadable_checkpoint_is_reported_not_discarded(
     assert [p.name for p in out.glob("checkpoints.*/aevb_nz2.pt")] == ["aevb_nz2.pt"]  # kept aside
 
 
+def test_a_stop_during_pilots_keeps_the_step_sizes_already_chosen(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    piloted, original = [], rf.pick_lr
+
+    def ctrl_c_in_the_second_pilots(key: rf.RunKey, *args: object) -> tuple:
+        piloted.append(key.latent_dim)
+        if piloted == [2, 3]:  # as the second run's pilots start
+            rf.request_stop(signal.SIGINT, None)
+            rf.stop_if_requested()
+        return original(key, *args)
+
+    monkeypatch.setattr(rf, "pick_lr", ctrl_c_in_the_second_pilots)
+    out = tmp_path / "out"
+    args = tiny_args(mnist_dir, out, "--methods", "aevb", "--lr", "auto")
+    args += ["--lr-pilot-samples", "100"]
+    assert rf.main(args) == 130
+    kept = torch.load(out / "checkpoints" / "aevb_nz2.pt", weights_only=True)
+    assert kept["samples"] == 0 and set(kept["run"]["lr_pilot_scores"]) == {"0.01", "0.02", "0.1"}
+    assert rf.main(args) == 0
+    assert piloted == [2, 3, 3]  # N_z = 2 went on with the step size its pilots chose
+
+
 def stray_copy(runs: Path) -> None:
     """A run file copied beside itself, as a user keeping a backup would."""
     shutil.copy(runs / "aevb_nz2.json", runs / "aevb_nz2_backup.json")
