@@ -914,22 +914,20 @@ def draw_samples(cfg: Config) -> str | None:
     """Draw the samples picture from the final models in --out-dir (the first seed of each
     setting), with the test digits read from --data-dir; its path, or None without models."""
     folder, models = os.path.join(cfg.out_dir, MODELS_FOLDER), {}
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".pt"):
-            try:
-                saved = torch.load(
-                    os.path.join(folder, name), map_location="cpu", weights_only=True
-                )
-                key = RunKey.of(saved)
-            except Exception as exc:  # noqa: BLE001 (a damaged model must not cost the picture)
-                print(
-                    f"warning: {folder}/{name} cannot be read ({one_line(exc)}); the samples "
-                    "picture leaves it out",
-                    file=sys.stderr,
-                )
-                continue
-            if key.seed_index == 0:
-                models[key] = saved
+    for name in files_in(folder, ".pt"):
+        model = os.path.join(folder, name)
+        try:
+            saved = torch.load(model, map_location="cpu", weights_only=True)
+            key = RunKey.of(saved)
+        except Exception as exc:  # noqa: BLE001 (a damaged model must not cost the picture)
+            print(
+                f"warning: {model} cannot be read ({one_line(exc)}); the samples "
+                "picture leaves it out",
+                file=sys.stderr,
+            )
+            continue
+        if key.seed_index == 0:
+            models[key] = saved
     if not models:
         return None
     path = os.path.join(cfg.out_dir, SAMPLES_NAME)
@@ -1486,12 +1484,13 @@ class ResultsFolder:
     def read(self) -> dict[RunKey, dict]:
         """Every run file's record by run; CheckpointError for an unreadable or foreign one."""
         records = {}
-        for name in sorted(glob_json(self.runs_dir)):
+        for name in files_in(self.runs_dir):
             path = os.path.join(self.runs_dir, name)
             try:
                 with open(path) as f:
                     saved = json.load(f)
                 record, fp = saved["run"], saved["fingerprint"]
+                # read here, so that a record without them is refused here, in one line
                 key, _ = RunKey.of(record), (record["status"], record["evals"][-1:])
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise unreadable(path) from None
@@ -1542,16 +1541,22 @@ def open_results(
     header = {"config": config, "environment": environment(device)}  # what the results say
     folder = ResultsFolder(cfg.out_dir, fp, header, tuple(runs_of(cfg)), end)
     if fresh:
-        names = sorted(os.listdir(folder.runs_dir)) if os.path.isdir(folder.runs_dir) else []
-        locks = [os.path.join(folder.runs_dir, n) for n in names if n.endswith(".lock")]
-        if holders := [h for h in map(lock_holder, locks) if h]:
+        locks = files_in(folder.runs_dir, ".lock")  # the runs' (".folder.lock" is the folder's)
+        held = [lock_holder(os.path.join(folder.runs_dir, n)) for n in locks if n[0] != "."]
+        if holders := [h for h in held if h]:
             raise CheckpointError(
                 f"--fresh would set aside runs that {holders[0]} is training in {cfg.out_dir}; "
                 "let it finish or stop it first, or use another --out-dir"
             )
-        for name in (RESULTS_NAME, FIGURE_NAME, SAMPLES_NAME, RUNS_FOLDER, CHECKPOINTS_FOLDER):
+        for name in (
+            RESULTS_NAME,
+            FIGURE_NAME,
+            SAMPLES_NAME,
+            RUNS_FOLDER,
+            CHECKPOINTS_FOLDER,
+            MODELS_FOLDER,
+        ):
             move_aside(os.path.join(cfg.out_dir, name))
-        move_aside(folder.models_dir)
     on_disk, todo = folder.read(), {}
     for key in selected:
         record = on_disk.get(key, pending_record(key))
@@ -1573,9 +1578,9 @@ def open_results(
     return folder, todo
 
 
-def glob_json(folder: str) -> list[str]:
-    """The .json files in `folder` (none if it does not exist)."""
-    return [n for n in os.listdir(folder) if n.endswith(".json")] if os.path.isdir(folder) else []
+def files_in(folder: str, ext: str = ".json") -> list[str]:
+    """The names of the `ext` files in `folder`, sorted (none if it does not exist)."""
+    return sorted(n for n in os.listdir(folder) if n.endswith(ext)) if os.path.isdir(folder) else []
 
 
 # -------------------------------------------------------------------------------- screen
@@ -1926,7 +1931,7 @@ def plot_only(cfg: Config) -> int:
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
     runs_dir = os.path.join(cfg.out_dir, RUNS_FOLDER)
     try:
-        if names := sorted(glob_json(runs_dir)):
+        if names := files_in(runs_dir):
             with open(os.path.join(runs_dir, names[0])) as f:
                 first = json.load(f)
             header = {"config": first["config"], "environment": first["environment"]}
