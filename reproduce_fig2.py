@@ -1807,6 +1807,7 @@ def estimate(cfg: Config, data: Data, todo: dict[RunKey, int | None], at_a_time:
     one evaluation timed per thread count, the rest counted, and on the CPU the queue of runs
     replayed."""
     timing, threads_now = {"seed": 0, "lr": cfg.timing_lr}, torch.get_num_threads()
+    trained = {key: samples or 0 for key, samples in todo.items()}
     pilot_steps = len(LR_CANDIDATES) * cfg.lr_pilot_samples / cfg.batch_size * (cfg.lr == "auto")
     if data.train.device.type == "cuda":
         runs = [new_run(key, timing, cfg, data) for key in todo]
@@ -1814,8 +1815,8 @@ def estimate(cfg: Config, data: Data, todo: dict[RunKey, int | None], at_a_time:
             return 0.0
         step_s = seconds_per_step(runs, advance_on(runs, cfg), graph_steps=cfg.graph_steps)
         eval_s = seconds_per_evaluation(runs[0].vae, data, cfg.seed)
-        steps = max((schedule_of(cfg)[-1] - (todo[key] or 0)) // cfg.batch_size for key in todo)
-        evaluations = sum(seconds_left(cfg, data, todo[key] or 0, 0.0, eval_s) for key in todo)
+        steps = max((schedule_of(cfg)[-1] - n) // cfg.batch_size for n in trained.values())
+        evaluations = sum(seconds_left(cfg, data, n, 0.0, eval_s) for n in trained.values())
         new_runs = sum(todo[key] is None for key in todo)  # pilots train one by one, eagerly
         pilot_s = seconds_per_step(runs[:1], advance_eagerly) * pilot_steps if pilot_steps else 0
         return steps * step_s + evaluations + new_runs * (pilot_s + eval_s * bool(pilot_steps))
@@ -1833,7 +1834,7 @@ def estimate(cfg: Config, data: Data, todo: dict[RunKey, int | None], at_a_time:
                 run = new_run(key, timing, cfg, data)
                 step_s[kind] = seconds_per_step([run], advance_eagerly)
                 eval_s.setdefault(threads, seconds_per_evaluation(run.vae, data, cfg.seed))
-            seconds = seconds_left(cfg, data, todo[key] or 0, step_s[kind], eval_s[threads])
+            seconds = seconds_left(cfg, data, trained[key], step_s[kind], eval_s[threads])
             if seconds and todo[key] is None:  # a new run's pilots, each scored on the train set
                 seconds += pilot_steps * step_s[kind] + eval_s[threads] * bool(pilot_steps)
             ends.append(now + seconds * crowded)
@@ -1911,6 +1912,9 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.
     except OSError as exc:
         why = f"cannot be created or written ({exc.strerror or exc}); choose another folder"
         p.error(f"--out-dir {a.out_dir!r} {why}")
+    for name in (RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER) * (not a.fresh):
+        if os.path.isfile(path := os.path.join(a.out_dir, name)):
+            p.error(f"{path!r} is a file where the {name} folder goes; move it away first")
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}
     for name in ("latent_dims", "methods"):
         values[name] = tuple(dict.fromkeys(values[name]))  # in order, without repeats

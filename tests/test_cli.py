@@ -125,6 +125,17 @@ def test_unwritable_out_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert stop.value.code == 2 and "--out-dir" in capsys.readouterr().err
 
 
+def test_a_file_where_a_results_subfolder_goes_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / rf.RUNS_FOLDER).write_text("")
+    with pytest.raises(SystemExit) as stop:
+        rf.main(["--out-dir", str(tmp_path)])
+    assert (
+        stop.value.code == 2 and "is a file where the runs folder goes" in capsys.readouterr().err
+    )
+
+
 # -------------------------------------------------------------------------------- outputs
 def test_an_invocation_leaves_results_figure_table_and_models(finished: Finished) -> None:
     out = finished.out
