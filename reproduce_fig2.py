@@ -13,8 +13,9 @@ Read from the top to the MACHINERY banner to learn the experiment: constants, da
 paper's networks, the ELBO, the AEVB and wake-sleep steps, the loop over the runs and the
 figure. Below the banner is what makes long runs safe and fast, in this order: stop requests,
 run settings (device, cores, workers), CUDA graphs, files and fingerprints, the results folder
-(checkpoints, run files, locks), worker processes, the time estimate, the command line; and
-last main(), which chains the two. tests/benchmark.py measures the engine's speed.
+(checkpoints, run files, locks), the screen, training here or in worker processes, the time
+estimate, the command line; and last main(), which chains the two. tests/benchmark.py
+measures the engine's speed.
 """
 
 from __future__ import annotations
@@ -946,8 +947,8 @@ def show_strip(ax: Any, images: Tensor, title: str) -> None:
 
 # ################################################################################################
 # MACHINERY: everything below serves long runs: stop requests, run settings, CUDA graphs, files
-# and fingerprints, the results folder (checkpoints, run files, locks), worker processes, the
-# time estimate, the command line. The experiment is above; main() at the end chains the two.
+# and fingerprints, the results folder (checkpoints, run files, locks), the screen, training here
+# or in worker processes, the time estimate, the command line. main() at the end chains the two.
 # ################################################################################################
 
 

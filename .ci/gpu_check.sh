@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in one go of at most 8 minutes on a machine with an NVIDIA GPU and torch:
+# The GPU check, in one go of at most 9 minutes (its time limits add up to 530 s) on a machine
+# with an NVIDIA GPU and torch:
 #   1. the tests marked cuda;
 #   2. tests/benchmark.py (one run, then all ten in flight) beside the plain-PyTorch yardstick;
 #   3. AEVB N_z = 20 to 10^6 samples, compared with docs/cpu_1e6/ (within the 4-seed spread).
