@@ -56,7 +56,12 @@ def test_every_flag_defaults_to_its_constant_and_its_help_is_the_constants_comme
         rf.parse_command_line(["--help"])
     helped = " ".join(capsys.readouterr().out.split())  # unwrapped
     assert "--seed SEED master seed; each (method, N_z) run derives its own from it" in helped
-    assert "--jobs JOBS CPU: runs side by side in worker processes" in helped
+    source = Path(rf.__file__).read_text().splitlines()
+    for f in dataclasses.fields(rf.Config):
+        (line,) = [s for s in source if s.startswith(f"{f.name.upper()}: ")]
+        comment = " ".join(line.split("  # ", 1)[1].split())
+        assert comment and f"--{f.name.replace('_', '-')}" in helped, f.name
+        assert comment in helped, f.name
 
 
 def test_samples_accepts_both_spellings(tmp_path: Path) -> None:
@@ -104,7 +109,8 @@ def test_bad_values_exit_2_before_any_work(
         )
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "error:" in err and "Traceback" not in err
+    assert "Traceback" not in err
+    assert "error:" in err.splitlines()[-1] and argv[0] in err.splitlines()[-1]  # names the flag
     assert not (tmp_path / "never-read").exists()  # no data was looked for
 
 
@@ -122,7 +128,8 @@ def test_unwritable_out_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     blocker.write_text("")
     with pytest.raises(SystemExit) as stop:
         rf.main(["--out-dir", str(blocker / "sub")])
-    assert stop.value.code == 2 and "--out-dir" in capsys.readouterr().err
+    last = capsys.readouterr().err.splitlines()[-1]  # the usage above it names --out-dir too
+    assert stop.value.code == 2 and "cannot be created or written" in last
 
 
 def test_a_file_where_a_results_subfolder_goes_exits_2(
@@ -275,8 +282,9 @@ def test_a_lone_run_gets_every_core_and_runs_side_by_side_share_them(
     assert threads(tmp_path / "lone") == [4] and threads(tmp_path / "pair") == [2, 2]
 
 
-def test_the_script_imports_and_trains_without_fcntl(mnist_dir: Path, tmp_path: Path) -> None:
-    # Windows has no fcntl: the locks come from filelock, which works there without it
+def test_the_script_trains_with_no_fcntl_to_import(mnist_dir: Path, tmp_path: Path) -> None:
+    # Windows has no fcntl: the script must not import it itself, and leaves the locks to
+    # filelock, which picks the platform's (here, without fcntl, its soft lock; not Windows')
     out = tmp_path / "out"
     code = (
         "import sys; sys.modules['fcntl'] = None; sys.path.insert(0, sys.argv[1]); "
@@ -299,6 +307,7 @@ def test_benchmark_smoke_prints_every_field(
     mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--steps", "2", "--data-dir", str(mnist_dir), "--no-verify-data", "--threads", "1"]
+    argv += ["--device", "cpu"]  # on a GPU machine too
     assert benchmark.main([*argv, "--json", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
     # the synthetic files are not called MNIST's: unchecked, and said to be
@@ -306,7 +315,7 @@ def test_benchmark_smoke_prints_every_field(
     saved = json.loads((tmp_path / "bench.json").read_text())
     for key in saved:
         assert f"  {key} " in out  # every number is printed as well as saved
-    assert saved["gpu"] is None and saved["torch"] == str(torch.__version__)  # no GPU here
+    assert saved["gpu"] is None and saved["torch"] == str(torch.__version__)  # on the CPU
     assert saved["runs_in_flight"] == 10  # the default configuration's ten runs
     for key in ("steps_per_s_one_run", "steps_per_s_all_runs", "eval_seconds"):
         assert saved[key] > 0

@@ -96,8 +96,14 @@ def test_several_seeds_draw_the_median_and_a_band(tmp_path: Path) -> None:
     train = ax.get_lines()[0]
     assert list(train.get_ydata()) == [-140.0, -139.0, -138.0]  # the median of the three
     (band, _) = ax.collections  # train and test bands
-    lows = band.get_paths()[0].vertices[:, 1]
-    assert lows.min() == pytest.approx(-144.0) and lows.max() == pytest.approx(-136.0)
+    edges: dict[float, set[float]] = {}  # at each point, the band's lower and upper edge
+    for x, y in band.get_paths()[0].vertices:
+        edges.setdefault(round(float(x)), set()).add(round(float(y), 6))
+    assert [edges[round(float(x))] for x in train.get_xdata()] == [
+        {-144.0, -138.0},  # the lowest seed (4 below) and the highest (2 above) at each point
+        {-143.0, -137.0},
+        {-142.0, -136.0},
+    ]
 
 
 def test_the_table_gives_each_setting_once_with_the_median_and_range_of_its_seeds() -> None:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +124,17 @@ def test_a_kill_between_evaluation_points_frees_the_run_and_resumes_from_the_tim
     assert not checkpoint.exists()
 
 
+def group_pids(group: int) -> list[int]:
+    """Pids of the live (not zombie) processes of process group `group`."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == group and state != "Z":
+                pids.append(int(stat.parent.name))
+    return pids
+
+
 def worker_pids(parent: int) -> list[int]:
     """Pids of the multiprocessing workers of `parent` (its children running spawn_main)."""
     pids = []
@@ -170,11 +182,15 @@ def test_ctrl_c_as_the_workers_start_stops_them_without_a_traceback(
         wait_for(lambda: len(worker_pids(proc.pid)) == 2, proc, "the workers' start")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, while the workers import torch
         _, stderr = proc.communicate(timeout=120)
+        deadline = time.monotonic() + 30  # the workers end with it, none left behind
+        while (left := group_pids(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the workers too, if it failed
         proc.wait(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert not left, f"workers outlived the Ctrl-C: {left}"
 
 
 def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
@@ -289,6 +305,7 @@ def test_a_runs_clock_counts_its_training_not_the_set_up_before_it(
     def capture(runs: list[rf.Run], cfg: rf.Config) -> rf.Advance:  # as CUDA graphs' does
         for run in runs:
             rf.load_run_state(run, rf.run_state(run))
+            run.clock.start -= 1000  # as if capturing took 1000 s: not training either
         return rf.advance_eagerly
 
     monkeypatch.setattr(rf, "advance_on", capture)
@@ -340,6 +357,31 @@ def test_a_diverged_run_stops_alone_keeps_its_last_good_model_and_exits_3(
     assert not (out / "checkpoints").exists()  # ended runs keep no checkpoint
     fig = rf.plot_results(json.loads((out / rf.RESULTS_NAME).read_text()), str(tmp_path / "f.png"))
     assert len(fig.axes[0].get_lines()) == 2  # WS drawn; AEVB N_z = 2 has no good point to draw
+
+
+def test_a_stop_request_between_points_saves_the_state_it_stopped_at(
+    synthetic_data: rf.Data, tmp_path: Path
+) -> None:
+    cfg = tiny_config()  # its first point at 1,000 samples: 20 steps
+    folder = rf.ResultsFolder(str(tmp_path), {"test": True}, keys=(rf.RunKey("aevb", 3),))
+    run = rf.start_run(rf.RunKey("aevb", 3), cfg, synthetic_data, None)
+    step, steps = run.step, []
+
+    def stopped_at_25() -> torch.Tensor:  # a stop request comes during the 25th step
+        steps.append(step())
+        if len(steps) == 25:
+            rf.STOP_REQUEST.append(signal.SIGINT)
+        return steps[-1]
+
+    run.step = stopped_at_25
+    try:
+        assert not rf.train([run], cfg, synthetic_data, folder.keep)
+    finally:
+        rf.STOP_REQUEST.clear()
+    saved = folder.load_state(run.key)
+    assert run.status == "interrupted" and saved["samples"] == run.samples == 1250
+    for name, value in run.vae.state_dict().items():  # the parameters as they were at the stop
+        assert torch.equal(saved["model"][name], value), name
 
 
 def test_a_run_stopped_after_its_loss_went_non_finite_keeps_its_last_good_checkpoint(
@@ -509,15 +551,28 @@ def test_a_damaged_or_stray_run_file_is_refused_in_one_line(
 
 
 def test_a_damaged_model_leaves_the_samples_picture_without_it(
-    finished: Finished, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    finished: Finished,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = finished.copy(tmp_path / "out")
     model = out / "models" / "aevb_nz2.pt"
     model.write_bytes(model.read_bytes()[:1000])
+    (out / rf.SAMPLES_NAME).unlink()  # redrawn below, or the test shows nothing
+    drawn: list[rf.RunKey] = []
+
+    def plot_samples(models: dict, *args: object) -> object:
+        drawn.extend(models)
+        return real_plot_samples(models, *args)
+
+    real_plot_samples = rf.plot_samples
+    monkeypatch.setattr(rf, "plot_samples", plot_samples)
     assert rf.main(tiny_args(finished.data_dir, out)) == 0  # every run done: nothing to train
     err = capsys.readouterr().err
     assert f"{model} cannot be read" in err and "Traceback" not in err
     assert (out / rf.SAMPLES_NAME).exists()
+    assert drawn and rf.RunKey("aevb", 2) not in drawn  # the other models, without it
 
 
 def test_fresh_refuses_a_folder_that_another_process_trains(
