@@ -1913,8 +1913,8 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.
     except OSError as exc:
         why = f"cannot be created or written ({exc.strerror or exc}); choose another folder"
         p.error(f"--out-dir {a.out_dir!r} {why}")
-    for name in (RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER) * (not a.fresh):
-        if os.path.isfile(path := os.path.join(a.out_dir, name)):
+    for name in () if a.fresh else (RUNS_FOLDER, CHECKPOINTS_FOLDER, MODELS_FOLDER):
+        if os.path.isfile(path := os.path.join(a.out_dir, name)):  # --fresh moves it aside
             p.error(f"{path!r} is a file where the {name} folder goes; move it away first")
     values = {f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}
     for name in ("latent_dims", "methods"):

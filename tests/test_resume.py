@@ -124,27 +124,25 @@ def test_a_kill_between_evaluation_points_frees_the_run_and_resumes_from_the_tim
     assert not checkpoint.exists()
 
 
-def group_pids(group: int) -> list[int]:
-    """Pids of the live (not zombie) processes of process group `group`."""
-    pids = []
+def processes() -> list[tuple[int, str, int, int, bytes]]:
+    """Every process now: pid, state, parent pid, process group and command line (from /proc)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
-            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            if int(pgrp) == group and state != "Z":
-                pids.append(int(stat.parent.name))
-    return pids
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            found.append((int(stat.parent.name), state, int(ppid), int(pgrp), cmdline))
+    return found
+
+
+def group_pids(group: int) -> list[int]:
+    """Pids of the live (not zombie) processes of process group `group`."""
+    return [pid for pid, state, _, pgrp, _ in processes() if pgrp == group and state != "Z"]
 
 
 def worker_pids(parent: int) -> list[int]:
     """Pids of the multiprocessing workers of `parent` (its children running spawn_main)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-            if int(fields[1]) == parent and b"spawn_main" in cmdline:
-                pids.append(int(stat.parent.name))
-    return pids
+    return [pid for pid, _, ppid, _, cmd in processes() if ppid == parent and b"spawn_main" in cmd]
 
 
 @pytest.mark.skipif(
@@ -359,25 +357,35 @@ def test_a_diverged_run_stops_alone_keeps_its_last_good_model_and_exits_3(
     assert len(fig.axes[0].get_lines()) == 2  # WS drawn; AEVB N_z = 2 has no good point to draw
 
 
+def stopped_at_step_25(
+    data: rf.Data, out: Path, loss: float | None = None
+) -> tuple[rf.Run, rf.ResultsFolder]:
+    """AEVB N_z = 3 trained in `out` with a stop request during its 25th step (5 steps past its
+    first point, at 1,000 samples), that step's loss replaced by `loss` if given."""
+    cfg = tiny_config()
+    folder = rf.ResultsFolder(str(out), {"test": True}, keys=(rf.RunKey("aevb", 3),))
+    run = rf.start_run(rf.RunKey("aevb", 3), cfg, data, None)
+    step, steps = run.step, []
+
+    def stopping() -> torch.Tensor:
+        steps.append(step())
+        if len(steps) < 25:
+            return steps[-1]
+        rf.STOP_REQUEST.append(signal.SIGINT)
+        return steps[-1] if loss is None else torch.tensor(loss)
+
+    run.step = stopping
+    try:
+        assert not rf.train([run], cfg, data, folder.keep)
+    finally:
+        rf.STOP_REQUEST.clear()
+    return run, folder
+
+
 def test_a_stop_request_between_points_saves_the_state_it_stopped_at(
     synthetic_data: rf.Data, tmp_path: Path
 ) -> None:
-    cfg = tiny_config()  # its first point at 1,000 samples: 20 steps
-    folder = rf.ResultsFolder(str(tmp_path), {"test": True}, keys=(rf.RunKey("aevb", 3),))
-    run = rf.start_run(rf.RunKey("aevb", 3), cfg, synthetic_data, None)
-    step, steps = run.step, []
-
-    def stopped_at_25() -> torch.Tensor:  # a stop request comes during the 25th step
-        steps.append(step())
-        if len(steps) == 25:
-            rf.STOP_REQUEST.append(signal.SIGINT)
-        return steps[-1]
-
-    run.step = stopped_at_25
-    try:
-        assert not rf.train([run], cfg, synthetic_data, folder.keep)
-    finally:
-        rf.STOP_REQUEST.clear()
+    run, folder = stopped_at_step_25(synthetic_data, tmp_path)
     saved = folder.load_state(run.key)
     assert run.status == "interrupted" and saved["samples"] == run.samples == 1250
     for name, value in run.vae.state_dict().items():  # the parameters as they were at the stop
@@ -387,23 +395,7 @@ def test_a_stop_request_between_points_saves_the_state_it_stopped_at(
 def test_a_run_stopped_after_its_loss_went_non_finite_keeps_its_last_good_checkpoint(
     synthetic_data: rf.Data, tmp_path: Path
 ) -> None:
-    cfg = tiny_config()  # its first point at 1,000 samples: 20 steps
-    folder = rf.ResultsFolder(str(tmp_path), {"test": True}, keys=(rf.RunKey("aevb", 3),))
-    run = rf.start_run(rf.RunKey("aevb", 3), cfg, synthetic_data, None)
-    step, steps = run.step, []
-
-    def poisoned() -> torch.Tensor:  # the 25th step's loss is NaN, and a stop request comes
-        steps.append(step())
-        if len(steps) < 25:
-            return steps[-1]
-        rf.STOP_REQUEST.append(signal.SIGINT)
-        return torch.tensor(math.nan)
-
-    run.step = poisoned
-    try:
-        assert not rf.train([run], cfg, synthetic_data, folder.keep)
-    finally:
-        rf.STOP_REQUEST.clear()
+    run, folder = stopped_at_step_25(synthetic_data, tmp_path, loss=math.nan)
     assert run.status == "interrupted" and run.samples == 1250
     assert folder.load_state(run.key)["samples"] == 1000  # not the non-finite state
 
