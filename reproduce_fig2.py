@@ -598,8 +598,8 @@ def runs_of(cfg: Config) -> list[RunKey]:
 
 def pending_record(key: RunKey) -> dict:
     """The record of a run that no process has started. Records also hold seed, lr, threads
-    (once started), log_px (done), diverged_at, error (failed); statuses: pending, running,
-    interrupted, done, diverged, failed."""
+    (once started), log_px (done), earlier_log_px (extended), diverged_at, error (failed);
+    statuses: pending, running, interrupted, done, diverged, failed."""
     return {**key._asdict(), "status": "pending", "evals": []}
 
 
@@ -700,7 +700,9 @@ def start_run(key: RunKey, cfg: Config, data: Data, checkpoint: dict | None) -> 
     threads = torch.get_num_threads()
     if checkpoint:
         record = checkpoint["run"] | {"status": "running", "threads": threads}
-        record.pop("log_px", None)  # an extended run's is estimated again at its new end
+        if "log_px" in record:  # extended: estimated again at the new end, this one kept
+            measured = record.pop("log_px") | {"samples": checkpoint["samples"]}
+            record["earlier_log_px"] = [*record.get("earlier_log_px", []), measured]
     else:
         seed = run_seed(cfg.seed, *key)
         record = pending_record(key) | {"status": "running", "seed": seed, "threads": threads}

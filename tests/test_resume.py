@@ -419,6 +419,8 @@ def test_a_finished_run_extended_gives_the_numbers_of_one_long_run(
     assert "--fresh" not in printed
     assert rf.main(tiny_args(mnist_dir, tmp_path / "one_go", *longer)) == 0
     runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
+    before = json.loads((finished.out / rf.RESULTS_NAME).read_text())["runs"]
+    log_px_before = {r["method"]: r["log_px"] for r in before if r["latent_dim"] == 2}
     extended = [r for r in runs if r["latent_dim"] == 2]
     one_go = json.loads((tmp_path / "one_go" / rf.RESULTS_NAME).read_text())["runs"]
     assert [r["method"] for r in extended] == [r["method"] for r in one_go] == list(rf.METHODS)
@@ -426,6 +428,7 @@ def test_a_finished_run_extended_gives_the_numbers_of_one_long_run(
         assert run["status"] == "done" and run["log_px"] == alone["log_px"]  # estimated again
         evals = [without_wall(e) for e in run["evals"]]
         assert 1200 in [e["samples"] for e in evals]  # measured before: kept
+        assert run["earlier_log_px"] == [log_px_before[run["method"]] | {"samples": 1200}]
         assert [e for e in evals if e["samples"] != 1200] == [
             without_wall(e) for e in alone["evals"]
         ]
