@@ -749,8 +749,12 @@ def train(
     for run in runs:  # each clock counts from here, not the set-up of the runs beside it
         run.clock.start = time.perf_counter()
     end = schedule_of(cfg)[-1]
-    for point in schedule_of(cfg):
-        in_flight = [run for run in runs if run.status == "running" and run.samples < point]
+    for point in schedule_of(cfg):  # in flight: the runs still to be scored here, or finished
+        in_flight = [
+            run
+            for run in runs
+            if run.status == "running" and (scored_to(run.record) < point or point == end)
+        ]
         if not in_flight:
             continue
         stopped = False
@@ -762,7 +766,7 @@ def train(
                 if run.samples < point:
                     keep(run)
         for run in in_flight:
-            if run.samples == point:  # not cut short by a stop request
+            if run.samples == point > scored_to(run.record):  # reached, and not scored before a stop
                 score(run, evaluate_point(run.vae, data, cfg.seed))
             if run.status == "running" and run.samples == end:
                 k = cfg.iw_samples
@@ -774,6 +778,11 @@ def train(
         if stopped:
             return False
     return True
+
+
+def scored_to(record: dict) -> int:
+    """The samples of a run's last evaluation (0 before the first)."""
+    return record["evals"][-1]["samples"] if record["evals"] else 0
 
 
 def score(run: Run, evaluation: dict[str, float]) -> None:
@@ -1299,8 +1308,9 @@ def check_settings(what: str, old: dict, new: dict) -> None:
 # -------------------------------------------------------------------------------- results folder
 def ended(record: dict, end: int) -> bool:
     """Whether a record needs no more training to `end`: diverged, or done there or beyond."""
-    reached = record["evals"][-1]["samples"] if record["evals"] else 0
-    return record["status"] == "diverged" or (record["status"] == "done" and reached >= end)
+    return record["status"] == "diverged" or (
+        record["status"] == "done" and scored_to(record) >= end
+    )
 
 
 def environment(device: torch.device) -> dict:
@@ -1567,6 +1577,13 @@ def open_results(
             log(f"[{key.name}] already {record['status']}: skipped")
         else:
             state = folder.resume_state(key)  # refused now, before any work, if unusable
+            if state is None and record["evals"]:  # starting over would overwrite them
+                raise CheckpointError(
+                    f"[{key.name}] has evaluations to {scored_to(record):,} samples in "
+                    f"{folder.path(key)} but neither its checkpoint nor its final model "
+                    f"({folder.state_path(key, folder.models_dir)}) to go on from; put it back, "
+                    "or pass --fresh to start over (the old files are kept aside)"
+                )
             if state and state["samples"] > end:
                 raise CheckpointError(
                     f"[{key.name}] has trained {state['samples']:,} samples, beyond --samples "

@@ -357,11 +357,11 @@ def test_a_diverged_run_stops_alone_keeps_its_last_good_model_and_exits_3(
     assert len(fig.axes[0].get_lines()) == 2  # WS drawn; AEVB N_z = 2 has no good point to draw
 
 
-def stopped_at_step_25(
-    data: rf.Data, out: Path, loss: float | None = None
+def stopped_at_step(
+    data: rf.Data, out: Path, stop: int = 25, loss: float | None = None
 ) -> tuple[rf.Run, rf.ResultsFolder]:
-    """AEVB N_z = 3 trained in `out` with a stop request during its 25th step (5 steps past its
-    first point, at 1,000 samples), that step's loss replaced by `loss` if given."""
+    """AEVB N_z = 3 trained in `out` (`tiny_config`: 50 samples a step, a point at 1,000) with a
+    stop request during its step number `stop`, that step's loss replaced by `loss` if given."""
     cfg = tiny_config()
     folder = rf.ResultsFolder(str(out), {"test": True}, keys=(rf.RunKey("aevb", 3),))
     run = rf.start_run(rf.RunKey("aevb", 3), cfg, data, None)
@@ -369,7 +369,7 @@ def stopped_at_step_25(
 
     def stopping() -> torch.Tensor:
         steps.append(step())
-        if len(steps) < 25:
+        if len(steps) < stop:
             return steps[-1]
         rf.STOP_REQUEST.append(signal.SIGINT)
         return steps[-1] if loss is None else torch.tensor(loss)
@@ -385,7 +385,7 @@ def stopped_at_step_25(
 def test_a_stop_request_between_points_saves_the_state_it_stopped_at(
     synthetic_data: rf.Data, tmp_path: Path
 ) -> None:
-    run, folder = stopped_at_step_25(synthetic_data, tmp_path)
+    run, folder = stopped_at_step(synthetic_data, tmp_path)
     saved = folder.load_state(run.key)
     assert run.status == "interrupted" and saved["samples"] == run.samples == 1250
     for name, value in run.vae.state_dict().items():  # the parameters as they were at the stop
@@ -395,9 +395,28 @@ def test_a_stop_request_between_points_saves_the_state_it_stopped_at(
 def test_a_run_stopped_after_its_loss_went_non_finite_keeps_its_last_good_checkpoint(
     synthetic_data: rf.Data, tmp_path: Path
 ) -> None:
-    run, folder = stopped_at_step_25(synthetic_data, tmp_path, loss=math.nan)
+    run, folder = stopped_at_step(synthetic_data, tmp_path, loss=math.nan)
     assert run.status == "interrupted" and run.samples == 1250
     assert folder.load_state(run.key)["samples"] == 1000  # not the non-finite state
+
+
+@pytest.mark.parametrize("stop", [20, 25], ids=["at-a-point", "between-points"])
+def test_a_run_stopped_at_the_samples_asked_for_next_time_is_finished_there(
+    synthetic_data: rf.Data, tmp_path: Path, stop: int
+) -> None:
+    stopped, folder = stopped_at_step(synthetic_data, tmp_path / "stopped", stop)
+    assert (
+        stopped.status == "interrupted" and folder.load_state(stopped.key)["samples"] == 50 * stop
+    )
+    cfg = tiny_config(samples=50 * stop)  # its points: 1,000 (scored before the stop) and its end
+    run = rf.start_run(stopped.key, cfg, synthetic_data, folder.resume_state(stopped.key))
+    assert rf.train([run], cfg, synthetic_data, folder.keep) and run.status == "done"
+    alone = rf.start_run(stopped.key, cfg, synthetic_data, None)
+    assert rf.train([alone], cfg, synthetic_data, lambda run: None)
+    assert [without_wall(e) for e in run.record["evals"]] == [
+        without_wall(e) for e in alone.record["evals"]
+    ]
+    assert run.record["log_px"] == alone.record["log_px"]
 
 
 # -------------------------------------------------------------------------------- settings
@@ -438,6 +457,21 @@ def test_a_finished_run_extended_gives_the_numbers_of_one_long_run(
     assert [m for m in measured(out / rf.RESULTS_NAME) if m[1] == 3] == [
         m for m in measured(finished.out / rf.RESULTS_NAME) if m[1] == 3
     ]
+
+
+def test_a_run_with_evaluations_but_nothing_to_go_on_from_is_refused_not_started_over(
+    finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = finished.copy(tmp_path / "out")
+    (out / "models" / "aevb_nz2.pt").unlink()  # as in a folder copied without its models
+    before = (out / "runs" / "aevb_nz2.json").read_text()
+    assert rf.main(tiny_args(mnist_dir, out, "--samples", "10000")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        "error: [aevb N_z=2] has evaluations to 1,200 samples in "
+    ) and err.endswith("or pass --fresh to start over (the old files are kept aside)")
+    assert "\n" not in err and str(out / "models" / "aevb_nz2.pt") in err
+    assert (out / "runs" / "aevb_nz2.json").read_text() == before
 
 
 def test_a_run_killed_between_its_final_model_and_its_run_file_is_done_when_called_again(
