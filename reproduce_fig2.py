@@ -281,7 +281,8 @@ def check_idx_file(path: str) -> None:
 
 
 def ensure_mnist(data_dir: str, download: bool = True) -> None:
-    """Make sure the four raw MNIST files are under `data_dir`, downloading them if allowed."""
+    """Make sure the four raw MNIST files are under `data_dir`, downloading the missing ones if
+    allowed: each appears whole, however the download ends and whoever else fetches them."""
     folder = raw_folder(data_dir)
     names = [name for pair in MNIST_FILES.values() for name in pair]
     missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
@@ -292,9 +293,16 @@ def ensure_mnist(data_dir: str, download: bool = True) -> None:
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
+            os.makedirs(folder, exist_ok=True)
             quiet = io.StringIO()
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                torchvision.datasets.MNIST(data_dir, train=True, download=True)
+            with (
+                tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as fetched,
+                contextlib.redirect_stdout(quiet),
+                contextlib.redirect_stderr(quiet),
+            ):
+                torchvision.datasets.MNIST(fetched, train=True, download=True)
+                for name in missing:  # moved into place whole, beside files that were there
+                    os.replace(os.path.join(raw_folder(fetched), name), os.path.join(folder, name))
             return
         except Exception as exc:  # noqa: BLE001 (any download failure becomes one readable line)
             lines = str(exc).strip().splitlines()
@@ -766,7 +774,9 @@ def train(
                 if run.samples < point:
                     keep(run)
         for run in in_flight:
-            if run.samples == point > scored_to(run.record):  # reached, and not scored before a stop
+            if (
+                run.samples == point > scored_to(run.record)
+            ):  # reached, and not scored before a stop
                 score(run, evaluate_point(run.vae, data, cfg.seed))
             if run.status == "running" and run.samples == end:
                 k = cfg.iw_samples
@@ -1256,7 +1266,8 @@ class CheckpointError(RuntimeError):
 
 
 def fixed_constants() -> dict:
-    """The constants that change the numbers but have no flag, for results and fingerprints."""
+    """The constants without a flag that change the training or its ELBO evaluations, for
+    results and fingerprints (IW_DECODES_PER_PASS, like --iw-samples, moves only log p(x))."""
     return {
         "mc_samples": MC_SAMPLES,
         "weight_decay": WEIGHT_DECAY,
@@ -2027,9 +2038,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"({cfg.batch_size})"
             )
         folder, todo = open_results(cfg, data, device, selected, verbs.fresh)  # bad files: now
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, DiskFullError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, DataError) else 2
+        return 2 if isinstance(exc, CheckpointError) else 1
+    except KeyboardInterrupt:  # Ctrl-C while the data loads: nothing trained, nothing to keep
+        print(
+            "stopped by signal 2 before training began: nothing was trained; run the same "
+            "command again to start",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
     json_path, png_path = (os.path.join(cfg.out_dir, n) for n in (RESULTS_NAME, FIGURE_NAME))
     log(f"training on {device}; results: {json_path}")
     started, code, left, estimated_s = time.perf_counter(), 0, {}, 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +109,53 @@ def test_missing_data_offline_is_one_clear_line(
     ):
         assert name in err
     assert "--data-dir" in err and "download failed" in err
+
+
+def mirror(source: Path, monkeypatch: pytest.MonkeyPatch, cut_at: int = 0) -> list[str]:
+    """Serve torchvision's MNIST downloads from the raw files in `source` instead of the
+    network, the `cut_at`-th one (if given) cut short by a Ctrl-C halfway; the names fetched."""
+    fetched = []
+
+    def download(url: str, download_root: str, filename: str, md5: str) -> None:
+        name = filename.removesuffix(".gz")
+        fetched.append(name)
+        data = (source / "MNIST" / "raw" / name).read_bytes()
+        if len(fetched) == cut_at:
+            (Path(download_root) / name).write_bytes(data[: len(data) // 2])
+            raise KeyboardInterrupt
+        (Path(download_root) / name).write_bytes(data)
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", download)
+    return fetched
+
+
+def test_a_download_fills_in_the_missing_files_whole_and_leaves_the_others(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "empty"
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    kept = raw / "t10k-labels-idx1-ubyte"  # the user's own file: not replaced
+    kept.write_bytes(b"labels of the user's own")
+    fetched = mirror(mnist_dir, monkeypatch)
+    rf.ensure_mnist(str(data_dir))
+    assert len(fetched) == 4 and kept.read_bytes() == b"labels of the user's own"
+    assert sorted(os.listdir(raw)) == sorted(os.listdir(mnist_dir / "MNIST" / "raw"))
+    for name in (n for n in os.listdir(raw) if n != kept.name):
+        assert (raw / name).read_bytes() == (mnist_dir / "MNIST" / "raw" / name).read_bytes()
+
+
+def test_ctrl_c_during_the_download_is_one_line_and_leaves_no_part_of_a_file(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    mirror(mnist_dir, monkeypatch, cut_at=3)
+    assert rf.main(tiny_args(tmp_path / "empty", tmp_path / "out")) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "stopped by signal 2 before training began: nothing was trained; run the same command "
+        "again to start"
+    )
+    assert os.listdir(tmp_path / "empty" / "MNIST" / "raw") == []  # no half file, no folder
 
 
 @pytest.mark.skipif(
