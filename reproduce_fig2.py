@@ -1498,34 +1498,45 @@ class ResultsFolder:
         if holder:
             log(f"[{key.name}] skipped: {holder} is training it")
             return None, holder
-        record = self.read().get(key, pending_record(key))
+        record = self.read(strict=False).get(key, pending_record(key))
         if ended(record, self.end):  # another process may have finished it meanwhile
             lock.release()
             log(f"[{key.name}] already {record['status']}: skipped")
             return None, None
         return lock, None
 
-    def read(self) -> dict[RunKey, dict]:
-        """Every run file's record by run; CheckpointError for an unreadable or foreign one."""
+    def read(self, strict: bool = True) -> dict[RunKey, dict]:
+        """Every run file's record by run; CheckpointError for an unreadable or foreign one, or,
+        not `strict` (while runs train: it is refused when they have), that file left out."""
         records = {}
         for name in files_in(self.runs_dir):
-            path = os.path.join(self.runs_dir, name)
             try:
-                with open(path) as f:
-                    saved = json.load(f)
-                record, fp = saved["run"], saved["fingerprint"]
-                # read here, so that a record without them is refused here, in one line
-                key, _ = RunKey.of(record), (record["status"], record["evals"][-1:])
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise unreadable(path) from None
-            if name != f"{key.stem}.json":  # a copy kept beside it would pass for the run
-                raise CheckpointError(
-                    f"{path} holds the record of [{key.name}], whose file is {key.stem}.json; "
-                    f"move it out of {self.runs_dir}"
-                )
-            check_settings(path, fp, self.fingerprint)
+                key, record = self.read_run_file(name)
+            except CheckpointError:
+                if strict:
+                    raise
+                continue
             records[key] = record
         return records
+
+    def read_run_file(self, name: str) -> tuple[RunKey, dict]:
+        """The run and record of the run file `name`; CheckpointError if unreadable or foreign."""
+        path = os.path.join(self.runs_dir, name)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            record, fp = saved["run"], saved["fingerprint"]
+            # read here, so that a record without them is refused here, in one line
+            key, _ = RunKey.of(record), (record["status"], record["evals"][-1:])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise unreadable(path) from None
+        if name != f"{key.stem}.json":  # a copy kept beside it would pass for the run
+            raise CheckpointError(
+                f"{path} holds the record of [{key.name}], whose file is {key.stem}.json; "
+                f"move it out of {self.runs_dir}"
+            )
+        check_settings(path, fp, self.fingerprint)
+        return key, record
 
     def save_run(self, record: dict) -> None:
         """Write one run's file atomically, then rebuild the combined JSON (and the figure)."""
@@ -1534,13 +1545,13 @@ class ResultsFolder:
         write_json_atomic(saved, self.path(RunKey.of(record)))
         png = os.path.join(self.out_dir, FIGURE_NAME)
         stale = not os.path.exists(png) or time.time() - os.path.getmtime(png) > FIGURE_EVERY_S
-        self.publish(figure=stale)
+        self.publish(figure=stale, strict=False)  # a file put there meanwhile cannot stop runs
 
-    def publish(self, figure: bool = True) -> dict:
-        """Rebuild the combined JSON (and the figure) from all the run files; returns it. A run
-        shows as "running" only while a process holds its lock, else as "interrupted"."""
+    def publish(self, figure: bool = True, strict: bool = True) -> dict:
+        """Rebuild the combined JSON (and the figure) from all the run files (read(strict));
+        returns it. A run shows as "running" only while a process holds it, else "interrupted"."""
         with self.exclusive():
-            on_disk = self.read()
+            on_disk = self.read(strict)
             records = [on_disk.pop(key, pending_record(key)) for key in self.keys]
             records += sorted(on_disk.values(), key=figure_order)  # other configurations' runs
             for i, record in enumerate(records):
@@ -1665,7 +1676,7 @@ def train_in_this_process(
             except Interrupted:  # during its pilots: the runs before it are kept as above
                 break
             except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
-                record = folder.read().get(key) or pending_record(key)
+                record = folder.read(strict=False).get(key) or pending_record(key)
                 fail(record, one_line(exc), traceback.format_exc())
                 folder.save_run(record)
         try:
@@ -1762,7 +1773,7 @@ class Workers:
         """Mark the run of a worker that ended before its run did as failed, saying why."""
         lock, holder = self.folder.lock(key)
         try:
-            record = self.folder.read().get(key) or pending_record(key)
+            record = self.folder.read(strict=False).get(key) or pending_record(key)
             if not holder and record["status"] != "failed" and not ended(record, self.folder.end):
                 fail(record, why, trace)
                 self.folder.save_run(record)

@@ -579,6 +579,30 @@ def test_a_damaged_or_stray_run_file_is_refused_in_one_line(
         assert str(out / "runs" / "aevb_nz2") in err
 
 
+def test_a_stray_run_file_put_there_while_runs_train_stops_none_and_is_refused_after(
+    finished: Finished,
+    mnist_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out, save_state = tmp_path / "out", rf.ResultsFolder.save_state
+
+    def then_a_stray_copy(folder: rf.ResultsFolder, *args: object, **kwargs: object) -> None:
+        save_state(folder, *args, **kwargs)
+        if (out / "runs" / "aevb_nz2.json").exists() and not (out / "backup").exists():
+            stray_copy(out / "runs")  # after the first evaluation of the first run
+            (out / "backup").touch()
+
+    monkeypatch.setattr(rf.ResultsFolder, "save_state", then_a_stray_copy)
+    assert rf.main(tiny_args(mnist_dir, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "aevb_nz2_backup.json" in err
+    (out / "runs" / "aevb_nz2_backup.json").unlink()
+    assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
+    assert measured(out / rf.RESULTS_NAME) == measured(finished.out / rf.RESULTS_NAME)
+
+
 def test_a_damaged_model_leaves_the_samples_picture_without_it(
     finished: Finished,
     tmp_path: Path,
