@@ -231,8 +231,8 @@ def load_data(
 def load_split(data_dir: str, split: str, verify: bool = True) -> Tensor:
     """One MNIST split's images as a CPU uint8 tensor [N, 1, 28, 28]."""
     folder = raw_folder(data_dir)
-    for name in MNIST_FILES[split]:
-        check_idx_file(os.path.join(folder, name))
+    for name, ndim in zip(MNIST_FILES[split], (3, 1), strict=True):  # images, then labels
+        check_idx_file(os.path.join(folder, name), ndim)
     ds = torchvision.datasets.MNIST(data_dir, train=split == "train", download=False)
     images, labels = ds.data, ds.targets
     if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or len(images) != len(labels):
@@ -258,8 +258,9 @@ def raw_folder(data_dir: str) -> str:
     return os.path.join(data_dir, "MNIST", "raw")
 
 
-def check_idx_file(path: str) -> None:
-    """Raise DataError unless `path` is a complete IDX file of unsigned bytes."""
+def check_idx_file(path: str, expected_ndim: int) -> None:
+    """Raise DataError unless `path` is a complete IDX file of unsigned bytes whose items have
+    `expected_ndim` dimensions (3 for images, 1 for labels)."""
     with open(path, "rb") as f:
         head = f.read(4)
         ndim = head[3] if len(head) == 4 else 0
@@ -268,6 +269,12 @@ def check_idx_file(path: str) -> None:
         raise DataError(
             f"{path} is not an IDX file of unsigned bytes (bad header): "
             "replace it with the original MNIST file"
+        )
+    if ndim != expected_ndim:  # two files swapped: torchvision's ValueError would say less
+        kinds = {3: "images", 1: "labels"}
+        raise DataError(
+            f"{path} holds {kinds.get(ndim, f'{ndim}-dimensional items')} where its name says "
+            f"{kinds[expected_ndim]}: replace it with the original MNIST file"
         )
     dims = struct.unpack(f">{ndim}I", dims_raw)
     if dims[0] == 0:
@@ -1442,11 +1449,11 @@ class ResultsFolder:
     def load_state(self, key: RunKey, folder: str = "") -> dict | None:
         """The run's checkpoint (or its file in `folder`), or None; CheckpointError if unusable."""
         path = self.state_path(key, folder)
-        if not os.path.exists(path):
-            return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             fingerprint = state["fingerprint"]
+        except FileNotFoundError:  # none, or an ended run's, removed by its process just now
+            return None
         except Exception as exc:  # noqa: BLE001 (truncated, foreign or corrupt: say which file)
             raise unreadable(f"checkpoint {path} ({type(exc).__name__})") from None
         check_settings(f"checkpoint {path}", fingerprint, self.fingerprint)
@@ -1985,6 +1992,9 @@ def plot_only(cfg: Config) -> int:
         else:
             with open(json_path) as f:
                 plot_results(json.load(f), png_path)
+    except DiskFullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, KeyError, CheckpointError) as exc:
         print(
             f"error: cannot read the results in {cfg.out_dir} ({exc}); run the training "

@@ -55,6 +55,11 @@ def replace_with_html(path: Path) -> None:
     path.write_bytes(b"<html>not mnist</html>")
 
 
+def images_under_its_name(path: Path) -> None:
+    """A labels file swapped for an images file."""
+    path.write_bytes((path.parent / "t10k-images-idx3-ubyte").read_bytes())
+
+
 def emptied(path: Path) -> None:
     """An IDX file of no items: its header alone, with a count of 0."""
     path.write_bytes(path.read_bytes()[:4] + b"\x00\x00\x00\x00")
@@ -67,8 +72,13 @@ def emptied(path: Path) -> None:
         (truncate, "t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte is truncated"),
         (replace_with_html, "train-labels-idx1-ubyte", "train-labels-idx1-ubyte is not an IDX"),
         (emptied, "t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte holds no items"),
+        (
+            images_under_its_name,
+            "train-labels-idx1-ubyte",
+            "train-labels-idx1-ubyte holds images where its name says labels",
+        ),
     ],
-    ids=["not-mnist", "truncated", "not-idx", "empty"],
+    ids=["not-mnist", "truncated", "not-idx", "empty", "swapped"],
 )
 def test_data_that_is_not_mnist_is_one_line_naming_the_file(
     damage: Callable[[Path], None] | None,

@@ -224,6 +224,12 @@ def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
     monkeypatch.setattr(os, "fdopen", real_fdopen)  # space freed
     assert rf.main(resumable_args(mnist_dir, out)) == 0
     assert measured(out / rf.RESULTS_NAME) == reference
+    capsys.readouterr()
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(io.FileIO(fd, "w")))
+    assert rf.main(["--plot-only", "--out-dir", str(out)]) == 1  # full again: a redraw says so
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on the device while writing ") and "\n" not in err
+    assert measured(out / rf.RESULTS_NAME) == reference
 
 
 SAVE_THEN_HANG = """
