@@ -781,9 +781,8 @@ def train(
                 if run.samples < point:
                     keep(run)
         for run in in_flight:
-            if (
-                run.samples == point > scored_to(run.record)
-            ):  # reached, and not scored before a stop
+            # scored if it reached the point, unless it was scored there before a stop
+            if run.samples == point > scored_to(run.record):
                 score(run, evaluate_point(run.vae, data, cfg.seed))
             if run.status == "running" and run.samples == end:
                 k = cfg.iw_samples
