@@ -1440,10 +1440,15 @@ class ResultsFolder:
 
     def save_state(self, key: RunKey, state: dict, folder: str = "") -> None:
         """Write a checkpoint (or, into the models folder, a final model) atomically."""
-        path = self.state_path(key, folder)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        payload = {"fingerprint": self.fingerprint} | state
-        write_atomic(path, lambda f: torch.save(payload, f))
+        path, payload = self.state_path(key, folder), {"fingerprint": self.fingerprint} | state
+        for last_try in (False, True):  # a process whose last run ended removes the empty folder
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                write_atomic(path, lambda f: torch.save(payload, f))
+                return
+            except FileNotFoundError:
+                if last_try:
+                    raise
 
     def load_state(self, key: RunKey, folder: str = "") -> dict | None:
         """The run's checkpoint (or its file in `folder`), or None; CheckpointError if unusable."""

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -230,6 +231,23 @@ def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no space left on the device while writing ") and "\n" not in err
     assert measured(out / rf.RESULTS_NAME) == reference
+
+
+def test_a_checkpoint_folder_removed_by_another_process_during_a_save_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, key = rf.ResultsFolder(str(tmp_path), {"test": True}), rf.RunKey("aevb", 3)
+    real_mkstemp, calls = tempfile.mkstemp, []
+
+    def mkstemp(*args: object, dir: str, **kwargs: object) -> tuple[int, str]:
+        calls.append(dir)
+        if len(calls) == 1:  # another process's last run ended: the empty folder goes
+            os.rmdir(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    folder.save_state(key, {"samples": 500})
+    assert folder.load_state(key)["samples"] == 500 and len(calls) == 2
 
 
 SAVE_THEN_HANG = """
