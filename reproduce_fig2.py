@@ -1509,7 +1509,7 @@ class ResultsFolder:
         if holder:
             log(f"[{key.name}] skipped: {holder} is training it")
             return None, holder
-        record = self.read(strict=False).get(key, pending_record(key))
+        record = self.record_of(key)
         if ended(record, self.end):  # another process may have finished it meanwhile
             lock.release()
             log(f"[{key.name}] already {record['status']}: skipped")
@@ -1529,6 +1529,14 @@ class ResultsFolder:
                 continue
             records[key] = record
         return records
+
+    def record_of(self, key: RunKey) -> dict:
+        """One run's record as its file holds it while runs train: pending if it has no file
+        or an unreadable or foreign one (refused when they have)."""
+        try:
+            return self.read_run_file(f"{key.stem}.json")[1]
+        except CheckpointError:
+            return pending_record(key)
 
     def read_run_file(self, name: str) -> tuple[RunKey, dict]:
         """The run and record of the run file `name`; CheckpointError if unreadable or foreign."""
@@ -1687,7 +1695,7 @@ def train_in_this_process(
             except Interrupted:  # during its pilots: the runs before it are kept as above
                 break
             except Exception as exc:  # noqa: BLE001 (one broken run must not cost the others)
-                record = folder.read(strict=False).get(key) or pending_record(key)
+                record = folder.record_of(key)
                 fail(record, one_line(exc), traceback.format_exc())
                 folder.save_run(record)
         try:
@@ -1784,7 +1792,7 @@ class Workers:
         """Mark the run of a worker that ended before its run did as failed, saying why."""
         lock, holder = self.folder.lock(key)
         try:
-            record = self.folder.read(strict=False).get(key) or pending_record(key)
+            record = self.folder.record_of(key)
             if not holder and record["status"] != "failed" and not ended(record, self.folder.end):
                 fail(record, why, trace)
                 self.folder.save_run(record)
