@@ -1623,7 +1623,9 @@ def open_results(
                     f"[{key.name}] has evaluations to {scored_to(record):,} samples in "
                     f"{folder.path(key)} but neither its checkpoint nor its final model "
                     f"({folder.state_path(key, folder.models_dir)}) to go on from; put it back, "
-                    "or pass --fresh to start over (the old files are kept aside)"
+                    f"or move the run file out of {folder.runs_dir} to train this run again from "
+                    "its start (its seed gives the same numbers), or pass --fresh to start all "
+                    "runs over (the old files are kept aside)"
                 )
             if state and state["samples"] > end:
                 raise CheckpointError(

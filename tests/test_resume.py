@@ -488,14 +488,22 @@ def test_a_run_with_evaluations_but_nothing_to_go_on_from_is_refused_not_started
 ) -> None:
     out = finished.copy(tmp_path / "out")
     (out / "models" / "aevb_nz2.pt").unlink()  # as in a folder copied without its models
-    before = (out / "runs" / "aevb_nz2.json").read_text()
+    run_file = out / "runs" / "aevb_nz2.json"
+    before = run_file.read_text()
     assert rf.main(tiny_args(mnist_dir, out, "--samples", "10000")) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(
-        "error: [aevb N_z=2] has evaluations to 1,200 samples in "
-    ) and err.endswith("or pass --fresh to start over (the old files are kept aside)")
+    assert err.startswith("error: [aevb N_z=2] has evaluations to 1,200 samples in ")
+    assert f"or move the run file out of {out / 'runs'} to train this run again" in err
+    assert err.endswith("or pass --fresh to start all runs over (the old files are kept aside)")
     assert "\n" not in err and str(out / "models" / "aevb_nz2.pt") in err
-    assert (out / "runs" / "aevb_nz2.json").read_text() == before
+    assert run_file.read_text() == before
+    # the way out the message gives: that run alone trains again, to the numbers it had
+    run_file.rename(tmp_path / "aside.json")
+    assert rf.main(tiny_args(mnist_dir, out)) == 0
+    again, old = (json.loads(run_file.read_text())["run"], json.loads(before)["run"])
+    assert [without_wall(e) for e in again["evals"]] == [without_wall(e) for e in old["evals"]]
+    assert again["log_px"] == old["log_px"] and again["status"] == "done"
+    assert "[aevb N_z=3] already done: skipped" in capsys.readouterr().out
 
 
 def test_a_run_killed_between_its_final_model_and_its_run_file_is_done_when_called_again(
