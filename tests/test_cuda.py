@@ -81,8 +81,8 @@ def test_cuda_graphs_give_the_eager_steps_numbers(synthetic_data: rf.Data) -> No
     cfg = tiny_config(methods=rf.METHODS, device="cuda", samples=2500)  # crosses epochs
     keys = [rf.RunKey("aevb", 3), rf.RunKey("wake-sleep", 3)]
     graphed, eager = cuda_runs(cfg, data, keys), cuda_runs(cfg, data, keys)
-    rf.train(graphed, cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
-    rf.train(eager, cfg, data, lambda run: None, rf.advance_eagerly)
+    assert rf.train(graphed, cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
+    assert rf.train(eager, cfg, data, lambda run: None, rf.advance_eagerly)
     for g, e in zip(graphed, eager, strict=True):
         same_evals(evals_of(g), evals_of(e))
         assert step_counters(g) == step_counters(e) == [50.0] * len(step_counters(e))
@@ -92,10 +92,10 @@ def test_cuda_a_run_beside_nine_others_gives_its_numbers_alone(synthetic_data: r
     data = on_cuda(synthetic_data)
     cfg = tiny_config(methods=rf.METHODS, latent_dims=(2, 3, 5, 8, 20), device="cuda")
     together = cuda_runs(cfg, data, rf.runs_of(cfg))
-    rf.train(together, cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
+    assert rf.train(together, cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
     for run in together:
         (alone,) = cuda_runs(cfg, data, [run.key])
-        rf.train([alone], cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
+        assert rf.train([alone], cfg, data, lambda run: None, rf.CudaGraphs(steps=7).advance)
         assert evals_of(alone) == evals_of(run), run.key.name
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_MNIST, tiny_args
+from conftest import REAL_MNIST, tiny_args, tiny_config
 
 import reproduce_fig2 as rf
 
@@ -35,7 +36,8 @@ def test_binarized_evaluation_sets_are_fixed(mnist_dir: Path) -> None:
     b = rf.load_data(
         str(mnist_dir), torch.device("cpu"), binarize=True, seed=5, verify=False, download=False
     )
-    assert set(torch.unique(rf.pixels(a.test_eval)).tolist()) == {0.0, 1.0}
+    for scored in (a.test_eval, a.train_eval):
+        assert set(torch.unique(rf.pixels(scored)).tolist()) == {0.0, 1.0}
     assert torch.equal(a.test_eval, b.test_eval) and torch.equal(a.train_eval, b.train_eval)
     # training draws are re-binarized from the grey levels, which the training set keeps
     assert len(torch.unique(a.train)) > 2
@@ -97,6 +99,46 @@ def test_data_that_is_not_mnist_is_one_line_naming_the_file(
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert said in err and str(mnist_dir / "MNIST" / "raw") in err
+
+
+def test_binarized_training_draws_fresh_binary_images_each_time_a_batch_is_used(
+    synthetic_data: rf.Data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+
+    def aevb_step(vae: rf.VAE, opts: list, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        seen.append(x.clone())
+        return torch.zeros(())
+
+    monkeypatch.setitem(rf.STEPS, "aevb", aevb_step)
+    cfg = tiny_config(binarize=True, batch_size=400, samples=800, eval_start=800)
+    record = {"seed": 3, "lr": 0.02}
+    run = rf.new_run(rf.RunKey("aevb", 3), record, cfg, synthetic_data)  # grey levels as given
+    rf.advance_eagerly([run], 800)  # the whole training set, twice
+    first, second = seen
+    for x in seen:
+        assert set(torch.unique(x).tolist()) == {0.0, 1.0}
+    # each epoch: all 400 images, binarized afresh (fixed bits would give equal totals)
+    assert float(first.sum()) != float(second.sum())
+    grey = rf.pixels(synthetic_data.train).mean()
+    assert abs(float(first.mean()) - float(grey)) < 0.01  # Bernoulli draws of the grey levels
+
+
+def test_the_download_gives_up_after_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    timeouts = []
+
+    def silent_network(url: str, download_root: str, filename: str, md5: str) -> None:
+        timeouts.append(socket.getdefaulttimeout())  # what a stalled connection would wait
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", silent_network)
+    before = socket.getdefaulttimeout()
+    assert rf.main(tiny_args(tmp_path / "empty", tmp_path / "out")) == 1
+    assert timeouts and set(timeouts) == {rf.DOWNLOAD_TIMEOUT_S}
+    assert socket.getdefaulttimeout() == before  # put back for the rest of the process
+    assert "download failed (TimeoutError: timed out)" in capsys.readouterr().err
 
 
 def test_missing_data_offline_is_one_clear_line(

@@ -55,40 +55,58 @@ def by_run(path: Path) -> dict[tuple[str, int], tuple]:
 
 
 # -------------------------------------------------------------------------------- stops and kills
+@pytest.fixture(scope="module")
+def reference_two(tmp_path_factory: pytest.TempPathFactory) -> list[tuple]:
+    """The evaluation values of the `resumable_args` runs of N_z = 2 and 3, uninterrupted."""
+    root = tmp_path_factory.mktemp("reference_two")
+    args = resumable_args(make_mnist_dir(root / "data"), root / "out", "--latent-dims", "2", "3")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert rf.main(args) == 0
+    return measured(root / "out" / rf.RESULTS_NAME)
+
+
 @pytest.mark.parametrize(
-    "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+    "sig, code, jobs",
+    [(signal.SIGINT, 130, "1"), (signal.SIGTERM, 143, "1"), (signal.SIGINT, 130, "2")],
+    ids=["SIGINT", "SIGTERM", "SIGINT-workers"],
 )
 def test_a_stop_request_saves_and_the_same_command_resumes_exactly(
     sig: int,
     code: int,
+    jobs: str,
     mnist_dir: Path,
     tmp_path: Path,
-    reference: list[tuple],
-    capsys: pytest.CaptureFixture[str],
+    reference_two: list[tuple],
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
-    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3")
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3", "--jobs", jobs)
     checkpoint = out / "checkpoints" / "aevb_nz2.pt"
+    # the signal goes to the main process alone (as kill or a scheduler sends it): with workers,
+    # it passes the request on to them
     status, stdout, stderr = stop_at_first_checkpoint(args, checkpoint, sig)
     assert status == code, stderr
     assert "run the same command again to continue" in stderr and "Traceback" not in stderr
     # the wall time so far, without an estimate that the stop left unknown
     assert re.search(r"^wall time: \d+ s$", stdout, re.MULTILINE), stdout
     runs = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
-    # both runs were in flight together: both are interrupted, the first after an evaluation
-    assert [r["status"] for r in runs] == ["interrupted", "interrupted"] and runs[0]["evals"]
+    # the first run is interrupted after an evaluation; the second, in flight with it (in its
+    # own worker: perhaps still starting), interrupted too
+    assert runs[0]["status"] == "interrupted" and runs[0]["evals"]
+    assert runs[1]["status"] in (("interrupted",) if jobs == "1" else ("interrupted", "pending"))
     assert (out / rf.FIGURE_NAME).exists() and checkpoint.exists()
+    assert not (rf.lock_holder(str(out / "runs" / "aevb_nz2.lock")))  # no worker left holding it
 
     assert rf.main(args) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out  # the workers' lines included
     resumed = re.search(r"\[aevb N_z=2\] resumed from its checkpoint at ([\d,]+) samples", printed)
     assert resumed, printed
-    assert measured(out / rf.RESULTS_NAME)[:1] == reference
+    assert measured(out / rf.RESULTS_NAME) == reference_two  # both runs, as never stopped
     assert not checkpoint.exists()  # a finished run drops its checkpoint
     # the evaluations from before the stop are not shown again
     at = int(resumed.group(1).replace(",", ""))
     shown = [line for line in printed.splitlines() if line.startswith("[aevb N_z=2] samples")]
-    assert len(shown) == len([e for e in reference[0][3] if e["samples"] > at])
+    assert len(shown) == len([e for e in reference_two[0][3] if e["samples"] > at])
 
 
 def test_a_kill_between_evaluation_points_frees_the_run_and_resumes_from_the_timed_checkpoint(
@@ -106,7 +124,12 @@ def test_a_kill_between_evaluation_points_frees_the_run_and_resumes_from_the_tim
         return False
 
     with running(args) as proc:
-        wait_for(between_points, proc, "a checkpoint between evaluation points")
+        while True:  # frozen, then checked again: no checkpoint can land between check and kill
+            wait_for(between_points, proc, "a checkpoint between evaluation points")
+            proc.send_signal(signal.SIGSTOP)
+            if between_points():
+                break
+            proc.send_signal(signal.SIGCONT)
         proc.kill()
         proc.wait(timeout=60)
     lock = out / "runs" / "aevb_nz2.lock"
@@ -114,7 +137,9 @@ def test_a_kill_between_evaluation_points_frees_the_run_and_resumes_from_the_tim
     cfg, cpu = rf.parse_command_line(args)[0], torch.device("cpu")
     data = rf.load_data(str(mnist_dir), cpu, False, cfg.seed, verify=False, download=False)
     _, todo = rf.open_results(cfg, data, cpu, rf.runs_of(cfg))  # what the estimate costs
-    assert todo == {rf.RunKey("aevb", 2): torch.load(checkpoint, weights_only=True)["samples"]}
+    killed_at = torch.load(checkpoint, weights_only=True)["samples"]
+    assert killed_at not in points  # no checkpoint of a point came between the wait and the kill
+    assert todo == {rf.RunKey("aevb", 2): killed_at}
     assert rf.main(["--plot-only", "--out-dir", str(out)]) == 0
     (run,) = json.loads((out / rf.RESULTS_NAME).read_text())["runs"]
     assert run["status"] == "interrupted"  # "running" in its file, but nobody holds it
@@ -525,7 +550,7 @@ def test_a_folder_refuses_other_settings_in_one_line_and_not_those_that_keep_the
     finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = finished.copy(tmp_path / "out")
-    same_numbers = ("--threads", "2", "--jobs", "2", "--graph-steps", "9")
+    same_numbers = ("--threads", "2", "--jobs", "2", "--graph-steps", "9", "--iw-samples", "7")
     assert rf.main(tiny_args(mnist_dir, out, *same_numbers, "--lr-pilot-samples", "9")) == 0
     assert capsys.readouterr().out.count("already done: skipped") == 4
     (out / rf.RESULTS_NAME).unlink()  # only the run files tell, even of runs not asked for
@@ -535,6 +560,51 @@ def test_a_folder_refuses_other_settings_in_one_line_and_not_those_that_keep_the
     assert "--fresh" in err and len(err.strip().splitlines()) == 1
     assert rf.main(tiny_args(mnist_dir, out, "--hidden-size", "17")) == 2
     assert "hidden_size 16 -> 17" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, differ",
+    [
+        (("--lr", "0.01"), "lr 0.02 -> 0.01"),
+        (("--lr", "auto"), "lr 0.02 -> 'auto'"),
+        (("--batch-size", "25"), "batch_size 50 -> 25"),
+        (("--binarize",), "binarize False -> True"),
+        (("--eval-start", "200"), "eval_start 300 -> 200"),
+        (("--evals-per-decade", "2"), "evals_per_decade 3 -> 2"),
+        (("INIT_STD", 0.02), "init_std 0.01 -> 0.02"),
+        (("WEIGHT_DECAY", 1e-4), "weight_decay 1.6666666666666667e-05 -> 0.0001"),
+        (("MC_SAMPLES", 2), "mc_samples 1 -> 2"),
+        (("EVAL_BATCH_SIZE", 7), "eval_batch_size 5000 -> 7"),
+        (("LR_CANDIDATES", (0.5,)), "lr_candidates [0.01, 0.02, 0.1] -> [0.5]"),
+        (("torch", "0.0"), "torch"),
+        (("pyautoencoder", "0.0"), "pyautoencoder"),
+        (("data", 0), "data_sha256"),
+    ],
+    ids=lambda v: v[0].lstrip("-") if isinstance(v, tuple) else None,
+)
+def test_every_setting_that_changes_the_numbers_is_refused_by_a_folder_of_others(
+    flags: tuple,
+    differ: str,
+    finished: Finished,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out, data_dir = finished.copy(tmp_path / "out"), finished.data_dir
+    name, value = flags[0], flags[1:]
+    if name.isupper():  # a constant without a flag
+        monkeypatch.setattr(rf, name, value[0])
+        flags = ()
+    elif name in ("torch", "pyautoencoder"):  # another version of a package that computes
+        versions = rf.package_versions() | {name: value[0]}
+        monkeypatch.setattr(rf, "package_versions", lambda: versions)
+        flags = ()
+    elif name == "data":  # other files: a training set of 401 images
+        data_dir, flags = make_mnist_dir(tmp_path / "other", n_train=401), ()
+    assert rf.main(tiny_args(data_dir, out, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was made with other settings: " in err and differ in err and "\n" not in err
+    assert err.endswith("or use another --out-dir")
 
 
 def test_an_unreadable_checkpoint_is_reported_not_discarded(
