@@ -580,7 +580,11 @@ def test_a_folder_refuses_other_settings_in_one_line_and_not_those_that_keep_the
         (("pyautoencoder", "0.0"), "pyautoencoder"),
         (("data", 0), "data_sha256"),
     ],
-    ids=lambda v: v[0].lstrip("-") if isinstance(v, tuple) else None,
+    ids=[
+        *("lr", "lr-auto", "batch-size", "binarize", "eval-start", "evals-per-decade"),
+        *("init-std", "weight-decay", "mc-samples", "eval-batch-size", "lr-candidates"),
+        *("torch", "pyautoencoder", "data"),
+    ],
 )
 def test_every_setting_that_changes_the_numbers_is_refused_by_a_folder_of_others(
     flags: tuple,
