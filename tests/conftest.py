@@ -3,7 +3,7 @@
 `tiny_args` and `resumable_args` for the command line) and `train_n_z3`; a finished tiny
 invocation to read or copy (the session's `finished` fixture); the script as a process of its
 own (`start`, `running`, `wait_for`, `stop_at_first_checkpoint`); the evaluator's hand
-computation (`hand_elbo`); what runs hold to compare (`measured`, `without_wall`,
+computation (`hand_forward`, `hand_elbo`); what runs hold to compare (`measured`, `without_wall`,
 `step_counters`); the `cuda` marker and the `no_network` guard."""
 
 from __future__ import annotations
@@ -209,9 +209,10 @@ def stop_at_first_checkpoint(args: list[str], checkpoint: Path, sig: int) -> tup
 
 
 # -------------------------------------------------------------------------------- numbers
-def hand_elbo(vae: rf.VAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[float, float]:
-    """The average log p(x|z) and KL(q(z|x) || p(z)) of the paper's MLP VAE over images `x`,
-    one z per image from the noise `eps`, computed by hand in float64 on the CPU."""
+def hand_forward(vae: rf.VAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The paper's MLP VAE on images `x` with the noise `eps` ([B, N_z], or [K, B, N_z] for K
+    draws per image), by hand in float64 on the CPU: pixels [B, 784], mu and log var [B, N_z],
+    z and the decoder's means [..., B, 784]."""
     d = {k: v.double().cpu() for k, v in vae.state_dict().items()}
     xf, eps = rf.pixels(x).flatten(1).double().cpu(), eps.double().cpu()
     h = torch.tanh(xf @ d["encoder.1.weight"].T + d["encoder.1.bias"])
@@ -220,6 +221,13 @@ def hand_elbo(vae: rf.VAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[float, f
     z = mu + torch.exp(0.5 * lv) * eps
     hidden = torch.tanh(z @ d["decoder.0.weight"].T + d["decoder.0.bias"])
     y = torch.sigmoid(hidden @ d["decoder.2.weight"].T + d["decoder.2.bias"])
+    return xf, mu, lv, z, y
+
+
+def hand_elbo(vae: rf.VAE, x: torch.Tensor, eps: torch.Tensor) -> tuple[float, float]:
+    """The average log p(x|z) and KL(q(z|x) || p(z)) of the paper's MLP VAE over images `x`,
+    one z per image from the noise `eps`, computed by hand in float64 on the CPU."""
+    xf, mu, lv, _, y = hand_forward(vae, x, eps)
     ll = (xf * torch.log(y) + (1 - xf) * torch.log(1 - y)).sum(1).mean()
     kl = (0.5 * (lv.exp() + mu**2 - 1 - lv)).sum(1).mean()
     return float(ll), float(kl)

@@ -11,7 +11,15 @@ from collections.abc import Iterable
 
 import pytest
 import torch
-from conftest import REAL_MNIST, ROOT, hand_elbo, tiny_config, train_n_z3, without_wall
+from conftest import (
+    REAL_MNIST,
+    ROOT,
+    hand_elbo,
+    hand_forward,
+    tiny_config,
+    train_n_z3,
+    without_wall,
+)
 from torch.nn.functional import binary_cross_entropy_with_logits
 
 import reproduce_fig2 as rf
@@ -78,16 +86,7 @@ def test_evaluator_equals_the_hand_computation_and_keeps_the_rng(synthetic_data:
 def hand_log_px(vae: rf.VAE, x: torch.Tensor, eps: torch.Tensor) -> float:
     """The importance-weighted log p(x) of images x with draws eps [K, B, N_z], computed by
     hand in float64: the mean over images of log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)."""
-    d = {k: v.double() for k, v in vae.state_dict().items()}
-    xf, eps = rf.pixels(x).flatten(1).double(), eps.double()
-    h = torch.tanh(xf @ d["encoder.1.weight"].T + d["encoder.1.bias"])
-    mu = h @ d["sampling_layer.mu.weight"].T + d["sampling_layer.mu.bias"]
-    lv = h @ d["sampling_layer.log_var.weight"].T + d["sampling_layer.log_var.bias"]
-    z = mu + torch.exp(0.5 * lv) * eps  # [K, B, N_z]
-    y = torch.sigmoid(
-        torch.tanh(z @ d["decoder.0.weight"].T + d["decoder.0.bias"]) @ d["decoder.2.weight"].T
-        + d["decoder.2.bias"]
-    )
+    xf, mu, lv, z, y = hand_forward(vae, x, eps)  # z [K, B, N_z]
     log_px_z = (xf * torch.log(y) + (1 - xf) * torch.log(1 - y)).sum(-1)
     log_pz = (-0.5 * (math.log(2 * math.pi) + z**2)).sum(-1)
     log_qz = (-0.5 * (math.log(2 * math.pi) + lv + (z - mu) ** 2 / lv.exp())).sum(-1)
