@@ -258,6 +258,49 @@ def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
     assert measured(out / rf.RESULTS_NAME) == reference
 
 
+def test_a_full_disk_in_a_worker_is_one_line_and_a_rerun_resumes_to_the_right_numbers(
+    mnist_dir: Path,
+    tmp_path: Path,
+    reference_two: list[tuple],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    out, patches = tmp_path / "out", tmp_path / "full_disk"
+    patches.mkdir()
+    # imported by the worker processes alone (this one has started): in each, the disk fills
+    # after the first timed checkpoint's two files (the checkpoint and the run file)
+    (patches / "sitecustomize.py").write_text(
+        "import errno, io, os, tempfile\n"
+        "real_mkstemp, real_fdopen, ours = tempfile.mkstemp, os.fdopen, []\n"
+        "class FullDisk(io.BufferedWriter):\n"
+        "    def write(self, data):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "def mkstemp(*args, **kwargs):\n"
+        "    fd, path = real_mkstemp(*args, **kwargs)\n"
+        "    ours.append(fd)\n"
+        "    return fd, path\n"
+        "def fdopen(fd, *args, **kwargs):\n"
+        "    if fd in ours[2:]:\n"
+        "        return FullDisk(io.FileIO(fd, 'w'))\n"
+        "    return real_fdopen(fd, *args, **kwargs)\n"
+        "tempfile.mkstemp, os.fdopen = mkstemp, fdopen\n"
+    )
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3", "--jobs", "2")
+    with monkeypatch.context() as patched:
+        patched.setenv("PYTHONPATH", str(patches), prepend=os.pathsep)
+        assert rf.main(args) == 1
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: no space left on the device while writing ") and str(out) in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    kept = [torch.load(p, weights_only=True)["samples"] for p in out.glob("checkpoints/*.pt")]
+    assert 450 in kept  # the worker that filled the disk (the other may not have started)
+    assert not list(out.rglob(".tmp-*"))  # the half-written files are gone
+    assert not [r for r in out.glob("runs/*.json") if "failed" in r.read_text()]  # not their fault
+    assert rf.main(args) == 0  # space freed
+    assert "resumed from its checkpoint at 450 samples" in capfd.readouterr().out
+    assert measured(out / rf.RESULTS_NAME) == reference_two
+
+
 def test_a_checkpoint_folder_removed_by_another_process_during_a_save_is_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
