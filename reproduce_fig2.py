@@ -43,7 +43,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing import resource_tracker
 from typing import Any, NamedTuple
@@ -1758,20 +1758,37 @@ class Workers:
 
     def train(self, todo: list[RunKey]) -> dict[RunKey, str]:
         """Train the runs in `todo` until each has ended; the runs left to others."""
-        waiting, running, forwarded = list(todo), {}, False
+        running: dict[RunKey, multiprocessing.process.BaseProcess] = {}
+        try:
+            self.run_until_ended(list(todo), running)
+        except BaseException:  # a fault here: no worker goes on training behind the error
+            terminate(running.values())
+            for process in running.values():
+                process.join()
+            raise
+        if self.disk_full:
+            raise DiskFullError(self.disk_full)
+        stop_if_requested()
+        return self.left
+
+    def run_until_ended(
+        self, waiting: list[RunKey], running: dict[RunKey, multiprocessing.process.BaseProcess]
+    ) -> None:
+        """Start a worker for each run of `waiting` as places free up (`running` holds those in
+        flight), until all have ended; after a stop request, start none."""
+        forwarded = False
         while waiting or running:
             if STOP_REQUEST and not forwarded:
                 forwarded, waiting = True, []
-                for process in running.values():  # SIGTERM ends one still importing, quietly
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.pid, signal.SIGTERM)
+                terminate(running.values())  # SIGTERM ends one still importing, quietly
             while waiting and len(running) < self.jobs:
                 threads = threads_for(self.cfg, min(self.jobs, len(running) + len(waiting)))
                 key = waiting.pop(0)
                 args = (self.cfg, key, self.folder, self.messages, threads)
-                running[key] = self.ctx.Process(target=worker, args=args, name=key.stem)
+                process = self.ctx.Process(target=worker, args=args, name=key.stem)
                 with ctrl_c_held():  # until worker() takes it
-                    running[key].start()
+                    process.start()
+                running[key] = process
             self.receive(timeout=0.2)
             for key, process in list(running.items()):
                 if process.is_alive():
@@ -1781,14 +1798,11 @@ class Workers:
                 while self.receive(timeout=0):
                     pass
                 del running[key]
-                stopped = STOP_REQUEST or process.exitcode >= 128  # or the worker alone, signalled
-                if not stopped and key not in self.left:  # else its files say it stopped
+                # its files say it stopped: on a stop request, or the worker alone signalled
+                stopped = STOP_REQUEST or process.exitcode >= 128
+                if not stopped and key not in self.left:
                     why = f"its worker process ended with exit status {process.exitcode}"
                     self.fail_if_unfinished(key, f"{why} before the run finished")
-        if self.disk_full:
-            raise DiskFullError(self.disk_full)
-        stop_if_requested()
-        return self.left
 
     def fail_if_unfinished(self, key: RunKey, why: str, trace: str = "") -> None:
         """Mark the run of a worker that ended before its run did as failed, saying why."""
@@ -1818,6 +1832,13 @@ class Workers:
         else:
             self.progress.show(key, rest[0])
         return True
+
+
+def terminate(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:
+    """Send SIGTERM to each worker process still there: it saves its run and stops."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
 
 
 # -------------------------------------------------------------------------------- time estimate

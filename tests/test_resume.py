@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -256,6 +257,31 @@ def test_a_full_disk_is_one_line_and_a_rerun_gives_the_right_numbers(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no space left on the device while writing ") and "\n" not in err
     assert measured(out / rf.RESULTS_NAME) == reference
+
+
+def test_a_fault_in_the_main_process_leaves_no_worker_training_and_loses_nothing(
+    mnist_dir: Path,
+    tmp_path: Path,
+    reference_two: list[tuple],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    out, real_receive = tmp_path / "out", rf.Workers.receive
+
+    def receive(self: rf.Workers, timeout: float) -> bool:
+        if real_receive(self, timeout):  # a worker's first message: its run is training
+            raise RuntimeError("a bug in the main process")
+        return False
+
+    args = resumable_args(mnist_dir, out, "--latent-dims", "2", "3", "--jobs", "2")
+    with monkeypatch.context() as patched:
+        patched.setattr(rf.Workers, "receive", receive)
+        with pytest.raises(RuntimeError, match="a bug in the main process"):
+            rf.main(args)
+    assert not multiprocessing.active_children()  # stopped and joined, not left behind
+    assert rf.main(args) == 0  # the same command goes on
+    assert measured(out / rf.RESULTS_NAME) == reference_two
+    capfd.readouterr()
 
 
 def test_a_full_disk_in_a_worker_is_one_line_and_a_rerun_resumes_to_the_right_numbers(
