@@ -7,7 +7,7 @@ training and test sets against the number of training samples seen, and draws th
 way the paper does.
 
     python reproduce_fig2.py                    # train (MNIST is downloaded to ./data), see PNG
-    python reproduce_fig2.py --help             # every setting below as a flag
+    python reproduce_fig2.py --help             # the flags, each defaulting to a constant below
 
 Read from the top to the MACHINERY banner to learn the experiment: constants, data, the
 paper's networks, the ELBO, the AEVB and wake-sleep steps, the loop over the runs and the
@@ -77,8 +77,8 @@ EVALS_PER_DECADE: int = 10  # log-spaced evaluation points per factor of ten of 
 EVAL_BATCH_SIZE: int = 5_000  # images per forward pass when scoring the ELBO (its noise)
 BINARIZE: bool = False  # train on Bernoulli samples of the grey levels, score fixed ones
 DATA_DIR: str = "./data"  # folder that holds MNIST/raw/ (torchvision layout)
-VERIFY_DATA: bool = True  # check the files against the standard MNIST SHA-256 digests
-OUT_DIR: str = "."  # folder for the PNG and the JSON results
+VERIFY_DATA: bool = True  # check the decoded images and labels against MNIST's SHA-256 digests
+OUT_DIR: str = "."  # folder for the figures, the JSON results and the runs' files
 SEED: int = 1926  # master seed; each (method, N_z) run derives its own from it
 SEEDS: int = 1  # seeds per (method, N_z); the figure draws their median and range
 IW_SAMPLES: int = 100  # K, importance samples per test image of the final log p(x) estimate
@@ -174,7 +174,7 @@ class Config:
 
 
 # ================================================================================ data
-MNIST_FILES = {
+MNIST_FILES = {  # the four IDX files under DATA_DIR/MNIST/raw/, per split
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
@@ -613,7 +613,8 @@ def runs_of(cfg: Config) -> list[RunKey]:
 
 def pending_record(key: RunKey) -> dict:
     """The record of a run that no process has started. Records also hold seed, lr, threads
-    (once started), log_px (done), earlier_log_px (extended), diverged_at, error (failed);
+    (once started), lr_pilot_scores (--lr auto), log_px (done), earlier_log_px (extended),
+    diverged_at, error (failed);
     statuses: pending, running, interrupted, done, diverged, failed."""
     return {**key._asdict(), "status": "pending", "evals": []}
 
@@ -655,7 +656,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        """ "running", "interrupted", "done", "diverged" or "failed"."""
+        """ "pending", "running", "interrupted", "done", "diverged" or "failed"."""
         return self.record["status"]
 
 
@@ -763,8 +764,9 @@ def train(
     advance = advance or (advance_eagerly if STOP_REQUEST else advance_on(runs, cfg))
     for run in runs:  # each clock counts from here, not the set-up of the runs beside it
         run.clock.start = time.perf_counter()
-    end = schedule_of(cfg)[-1]
-    for point in schedule_of(cfg):  # in flight: the runs still to be scored here, or finished
+    points = schedule_of(cfg)
+    end = points[-1]
+    for point in points:  # in flight: the runs still to be scored here, or finished
         in_flight = [
             run
             for run in runs

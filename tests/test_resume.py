@@ -877,6 +877,17 @@ def test_a_run_another_invocation_trains_is_left_to_it_and_the_same_command_fini
     assert all(status == "done" for status, _ in by_run(out / rf.RESULTS_NAME).values())
 
 
+def test_finished_runs_beyond_a_smaller_samples_are_kept_as_they_are(
+    finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = finished.copy(tmp_path / "out")
+    before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
+    assert rf.main(tiny_args(mnist_dir, out, "--samples", "1000")) == 0
+    assert capsys.readouterr().out.count("already done: skipped") == 4
+    assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == before
+    assert measured(out / rf.RESULTS_NAME) == measured(finished.out / rf.RESULTS_NAME)
+
+
 def test_an_unfinished_run_beyond_a_smaller_samples_is_refused_in_one_line(
     mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
