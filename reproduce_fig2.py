@@ -1313,6 +1313,21 @@ def unreadable(what: str) -> CheckpointError:
     )
 
 
+def load_run_file(path: str) -> tuple[RunKey, dict]:
+    """A run file's run and contents (fingerprint, header, record); CheckpointError, in one
+    line, if it cannot be read or its record is not whole."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        record = saved["run"]
+        whole = isinstance(record["evals"], list) and isinstance(record["status"], str)
+        if not whole or "fingerprint" not in saved:
+            raise TypeError("not a whole run file")
+        return RunKey.of(record), saved
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise unreadable(path) from None
+
+
 def check_settings(what: str, old: dict, new: dict) -> None:
     """Refuse, in one line naming the differing settings, a file made with other settings."""
     if old != new:
@@ -1543,20 +1558,14 @@ class ResultsFolder:
     def read_run_file(self, name: str) -> tuple[RunKey, dict]:
         """The run and record of the run file `name`; CheckpointError if unreadable or foreign."""
         path = os.path.join(self.runs_dir, name)
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            record, fp = saved["run"], saved["fingerprint"]
-            # read here, so that a record without them is refused here, in one line
-            key, _ = RunKey.of(record), (record["status"], record["evals"][-1:])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise unreadable(path) from None
+        key, saved = load_run_file(path)
+        record = saved["run"]
         if name != f"{key.stem}.json":  # a copy kept beside it would pass for the run
             raise CheckpointError(
                 f"{path} holds the record of [{key.name}], whose file is {key.stem}.json; "
                 f"move it out of {self.runs_dir}"
             )
-        check_settings(path, fp, self.fingerprint)
+        check_settings(path, saved["fingerprint"], self.fingerprint)
         return key, record
 
     def save_run(self, record: dict) -> None:
@@ -2022,9 +2031,8 @@ def plot_only(cfg: Config) -> int:
     runs_dir = os.path.join(cfg.out_dir, RUNS_FOLDER)
     try:
         if names := files_in(runs_dir):
-            with open(os.path.join(runs_dir, names[0])) as f:
-                first = json.load(f)
-            header = {"config": first["config"], "environment": first["environment"]}
+            _, first = load_run_file(os.path.join(runs_dir, names[0]))
+            header = {k: first[k] for k in ("config", "environment") if k in first}
             ResultsFolder(cfg.out_dir, first["fingerprint"], header, ()).publish()
         else:
             with open(json_path) as f:
@@ -2032,7 +2040,10 @@ def plot_only(cfg: Config) -> int:
     except DiskFullError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ValueError, KeyError, CheckpointError) as exc:
+    except CheckpointError as exc:  # a run file it cannot draw: named, with what to do
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         print(
             f"error: cannot read the results in {cfg.out_dir} ({exc}); run the training "
             "first or point --out-dir at its folder",

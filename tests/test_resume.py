@@ -745,7 +745,12 @@ def not_a_record(runs: Path) -> None:
     (runs / "aevb_nz2.json").write_text(json.dumps(saved | {"run": []}))
 
 
-@pytest.mark.parametrize("damage", [stray_copy, without_evals, not_a_record])
+def not_an_object(runs: Path) -> None:
+    """A run file whose JSON is not an object."""
+    (runs / "aevb_nz2.json").write_text("[]")
+
+
+@pytest.mark.parametrize("damage", [stray_copy, without_evals, not_a_record, not_an_object])
 def test_a_damaged_or_stray_run_file_is_refused_in_one_line(
     damage: Callable[[Path], None],
     finished: Finished,
