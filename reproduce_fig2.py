@@ -413,7 +413,7 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def evaluate_elbo(vae: VAE, images: Tensor, seed: int = SEED) -> dict[str, float]:
+def evaluate_elbo(vae: VAE, images: Tensor, seed: int) -> dict[str, float]:
     """Average per-datapoint ELBO (nats) over `images` and its parts; z drawn with `seed`, so
     every evaluation point scores its model with the same noise."""
     totals = torch.zeros(3, dtype=torch.float64, device=images.device)
@@ -432,7 +432,7 @@ def gaussian_log_density(z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def estimate_log_px(vae: VAE, images: Tensor, k: int = IW_SAMPLES, seed: int = SEED) -> float:
+def estimate_log_px(vae: VAE, images: Tensor, k: int, seed: int) -> float:
     """Average log p(x) over `images` by importance weighting (Burda et al. 2015): the log of
     the mean of p(x|z) p(z) / q(z|x) over K draws z ~ q(z|x) per image, noise from `seed`."""
     device = images.device
@@ -560,12 +560,7 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def eval_schedule(
-    target: int,
-    batch_size: int = BATCH_SIZE,
-    start: int = EVAL_START,
-    per_decade: int = EVALS_PER_DECADE,
-) -> list[int]:
+def eval_schedule(target: int, batch_size: int, start: int, per_decade: int) -> list[int]:
     """Sample counts to evaluate at: 10^(k / per_decade) in whole minibatches, then the target."""
     end = max(batch_size, math.ceil(target / batch_size) * batch_size)  # at least the target
     k = math.ceil(per_decade * math.log10(min(start, end)) - 1e-9)
@@ -1119,7 +1114,7 @@ class CudaGraphs:
     Each replay advances Adagrad's step counters on the host by its steps, so checkpoints hold
     the true count. Beyond torch's 32 streams per device, runs share streams (same numbers)."""
 
-    def __init__(self, steps: int = GRAPH_STEPS) -> None:
+    def __init__(self, steps: int) -> None:
         self.steps = steps
         self.graphs: dict[int, Graphed] = {}  # by id(run)
 

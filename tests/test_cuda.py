@@ -61,7 +61,7 @@ def evals_of(run: rf.Run) -> list[dict]:
 def test_cuda_graphs_train_and_raise_the_elbo(synthetic_data: rf.Data, method: str) -> None:
     data, cfg = on_cuda(synthetic_data), tiny_config(methods=(method,), device="cuda")
     (run,) = cuda_runs(cfg, data, [rf.RunKey(method, 3)])
-    start = rf.evaluate_elbo(run.vae, data.train_eval)["elbo"]
+    start = rf.evaluate_elbo(run.vae, data.train_eval, cfg.seed)["elbo"]
     engine = rf.CudaGraphs(steps=7)
     assert rf.train([run], cfg, data, lambda run: None, engine.advance)
     assert set(engine.graphs[id(run)].graphs) == {7, 1}  # the long graph and the one-step

@@ -239,7 +239,7 @@ def test_training_raises_the_elbo_for_both_methods(synthetic_data: rf.Data) -> N
         cfg = tiny_config(methods=(method,))
         record = {"seed": rf.run_seed(cfg.seed, method, 3), "lr": 0.02}
         fresh = rf.new_run(rf.RunKey(method, 3), record, cfg, synthetic_data)
-        start = rf.evaluate_elbo(fresh.vae, synthetic_data.train_eval)["elbo"]
+        start = rf.evaluate_elbo(fresh.vae, synthetic_data.train_eval, cfg.seed)["elbo"]
         run = train_n_z3(cfg, synthetic_data, method)
         assert run["status"] == "done" and [e["samples"] for e in run["evals"]] == [1000, 3000]
         assert run["evals"][-1]["train_elbo"] > start + 100, method
