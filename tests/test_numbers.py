@@ -59,6 +59,21 @@ def test_the_same_settings_give_the_same_numbers_and_another_seed_others(
     assert [m[:3] for m in seed7] == [m[:3] for m in alone] and seed7 != alone
 
 
+def test_the_thread_count_does_not_change_the_numbers_at_the_papers_sizes(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    # 500 hidden units, minibatches of 100: matrices large enough for torch to split over threads
+    paper = ("--hidden-size", "500", "--batch-size", "100", "--latent-dims", "20")
+    paper += ("--samples", "2000", "--eval-start", "1000", "--iw-samples", "10")
+    for threads in ("1", "2"):
+        args = tiny_args(mnist_dir, tmp_path / threads, *paper, "--threads", threads)
+        assert rf.main(args) == 0
+    one, two = (json.loads((tmp_path / t / rf.RESULTS_NAME).read_text()) for t in ("1", "2"))
+    assert measured(tmp_path / "2" / rf.RESULTS_NAME) == measured(tmp_path / "1" / rf.RESULTS_NAME)
+    assert [r["log_px"] for r in two["runs"]] == [r["log_px"] for r in one["runs"]]
+    assert [r["threads"] for r in one["runs"] + two["runs"]] == [1, 1, 2, 2]
+
+
 def test_runs_in_lockstep_give_the_numbers_of_each_run_alone(synthetic_data: rf.Data) -> None:
     # both methods, two latent sizes, two seeds: eight runs of a second or two together,
     # evaluated at 1,000, 1,800 and 2,000 samples
