@@ -479,6 +479,8 @@ def make_optimizers(vae: VAE, method: str, lr: float, fused: bool) -> list[Adagr
         "aevb": [list(vae.parameters())],
         "wake-sleep": [list(vae.decoder.parameters()), encoder_parameters(vae)],
     }[method]
+    # fused: one kernel per step on the CPU; foreach on CUDA keeps the step counters on the
+    # host, where CudaGraphs.next_replay counts the replayed steps
     kwargs = {"fused": True} if fused else {"foreach": True}
     return [Adagrad(g, lr=lr, weight_decay=WEIGHT_DECAY, **kwargs) for g in groups]
 
