@@ -611,8 +611,8 @@ def runs_of(cfg: Config) -> list[RunKey]:
 def pending_record(key: RunKey) -> dict:
     """The record of a run that no process has started. Records also hold seed, lr, threads
     (once started), lr_pilot_scores (--lr auto), log_px (done), earlier_log_px (extended),
-    diverged_at, error (failed);
-    statuses: pending, running, interrupted, done, diverged, failed."""
+    diverged_at, error (failed); statuses: pending, running, interrupted, done, diverged,
+    failed."""
     return {**key._asdict(), "status": "pending", "evals": []}
 
 
