@@ -196,7 +196,7 @@ def test_a_capture_that_fails_partway_is_one_line_that_names_the_way_out(
     runs = start_all(tiny_config(), synthetic_data)
     host_sync_in_capture(runs[0])
     with pytest.raises(rf.CaptureError) as failed:
-        StandInEngine().capture_all(runs)
+        StandInEngine(steps=7).capture_all(runs)
     message = str(failed.value)
     assert message.startswith("[aevb N_z=3] its training step could not be captured")
     assert "(RuntimeError: operation not permitted" in message and "--graph-steps 0" in message
