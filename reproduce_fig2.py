@@ -2029,7 +2029,7 @@ def plot_only(cfg: Config) -> int:
     try:
         if names := files_in(runs_dir):
             _, first = load_run_file(os.path.join(runs_dir, names[0]))
-            header = {k: first[k] for k in ("config", "environment") if k in first}
+            header = {"config": first["config"], "environment": first["environment"]}
             ResultsFolder(cfg.out_dir, first["fingerprint"], header, ()).publish()
         else:
             with open(json_path) as f:
