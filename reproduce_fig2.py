@@ -1270,14 +1270,15 @@ class CheckpointError(RuntimeError):
     """A run file or checkpoint that cannot be used, worded as one line for the user."""
 
 
-def fixed_constants() -> dict:
+def fixed_constants(cfg: Config) -> dict:
     """The constants without a flag that change the training or its ELBO evaluations, for
-    results and fingerprints (IW_DECODES_PER_PASS, like --iw-samples, moves only log p(x))."""
+    results and fingerprints (the step sizes piloted only under --lr auto; IW_DECODES_PER_PASS,
+    like --iw-samples, moves only log p(x))."""
     return {
         "mc_samples": MC_SAMPLES,
         "weight_decay": WEIGHT_DECAY,
         "init_std": INIT_STD,
-        "lr_candidates": list(LR_CANDIDATES),
+        **({"lr_candidates": list(LR_CANDIDATES)} if cfg.lr == "auto" else {}),
         "eval_batch_size": EVAL_BATCH_SIZE,
     }
 
@@ -1297,7 +1298,7 @@ def fingerprint(cfg: Config, data: Data, device: torch.device) -> dict:
     return {
         **{name: getattr(cfg, name) for name in settings},
         "device": device.type,
-        **fixed_constants(),
+        **fixed_constants(cfg),
         "data_sha256": data.digest,
         **{name: versions[name] for name in ("torch", "pyautoencoder")},
     }
@@ -1599,7 +1600,7 @@ def open_results(
     runs left to train with the samples each has trained (None: not started, so with --lr auto
     its pilots are to come); CheckpointError for an unusable file, before any work."""
     fp, end = fingerprint(cfg, data, device), schedule_of(cfg)[-1]
-    config = asdict(cfg) | fixed_constants() | {"eval_schedule": schedule_of(cfg)}  # as used
+    config = asdict(cfg) | fixed_constants(cfg) | {"eval_schedule": schedule_of(cfg)}  # as used
     header = {"config": config, "environment": environment(device)}  # what the results say
     folder = ResultsFolder(cfg.out_dir, fp, header, tuple(runs_of(cfg)), end)
     if fresh:

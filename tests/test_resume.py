@@ -616,10 +616,15 @@ def test_a_run_killed_between_its_final_model_and_its_run_file_is_done_when_call
 
 
 def test_a_folder_refuses_other_settings_in_one_line_and_not_those_that_keep_the_numbers(
-    finished: Finished, mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    finished: Finished,
+    mnist_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = finished.copy(tmp_path / "out")
     same_numbers = ("--threads", "2", "--jobs", "2", "--graph-steps", "9", "--iw-samples", "7")
+    monkeypatch.setattr(rf, "LR_CANDIDATES", (0.5,))  # the pilots' step sizes, with a fixed lr
     assert rf.main(tiny_args(mnist_dir, out, *same_numbers, "--lr-pilot-samples", "9")) == 0
     assert capsys.readouterr().out.count("already done: skipped") == 4
     (out / rf.RESULTS_NAME).unlink()  # only the run files tell, even of runs not asked for
@@ -643,7 +648,6 @@ def test_a_folder_refuses_other_settings_in_one_line_and_not_those_that_keep_the
         (("WEIGHT_DECAY", 1e-4), "weight_decay 1.6666666666666667e-05 -> 0.0001"),
         (("MC_SAMPLES", 2), "mc_samples 1 -> 2"),
         (("EVAL_BATCH_SIZE", 7), "eval_batch_size 5000 -> 7"),
-        (("LR_CANDIDATES", (0.5,)), "lr_candidates [0.01, 0.02, 0.1] -> [0.5]"),
         (("torch", "0.0"), "torch"),
         (("pyautoencoder", "0.0"), "pyautoencoder"),
         (("data", 0), "data_sha256"),
@@ -658,7 +662,7 @@ def test_a_folder_refuses_other_settings_in_one_line_and_not_those_that_keep_the
             "eval-start",
             "evals-per-decade",
         ),
-        *("init-std", "weight-decay", "mc-samples", "eval-batch-size", "lr-candidates"),
+        *("init-std", "weight-decay", "mc-samples", "eval-batch-size"),
         *("torch", "pyautoencoder", "data"),
     ],
 )
@@ -725,6 +729,25 @@ def test_a_stop_during_pilots_keeps_the_step_sizes_already_chosen(
     assert kept["samples"] == 0 and set(kept["run"]["lr_pilot_scores"]) == {"0.01", "0.02", "0.1"}
     assert rf.main(args) == 0
     assert piloted == [2, 3, 3]  # N_z = 2 went on with the step size its pilots chose
+
+
+def test_under_lr_auto_a_folder_refuses_other_pilots_and_not_the_same_ones(
+    mnist_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    args = tiny_args(mnist_dir, out, "--methods", "aevb", "--latent-dims", "2", "--lr", "auto")
+    args += ["--samples", "300", "--lr-pilot-samples", "100"]
+    assert rf.main(args) == 0
+    assert rf.main(args) == 0 and "already done: skipped" in capsys.readouterr().out
+    monkeypatch.setattr(rf, "LR_CANDIDATES", (0.01, 0.02))
+    assert rf.main(args) == 2
+    assert "lr_candidates [0.01, 0.02, 0.1] -> [0.01, 0.02]" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert rf.main([*args, "--lr-pilot-samples", "200"]) == 2
+    assert "lr_pilot_samples 100 -> 200" in capsys.readouterr().err
 
 
 def stray_copy(runs: Path) -> None:
