@@ -786,7 +786,8 @@ def train(
             if run.status == "running" and run.samples == end:
                 k = cfg.iw_samples
                 log_px = estimate_log_px(run.vae, data.test_eval, k, cfg.seed)
-                run.record |= {"log_px": {"test": log_px, "k": k}, "status": "done"}
+                iw = {"test": log_px, "k": k, "decodes_per_pass": IW_DECODES_PER_PASS}
+                run.record |= {"log_px": iw, "status": "done"}
             elif run.status == "running" and stopped:
                 run.record["status"] = "interrupted"
             keep(run)

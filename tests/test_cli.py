@@ -179,7 +179,8 @@ def test_an_invocation_leaves_results_figure_table_and_models(finished: Finished
             }
             assert e["train_elbo"] == pytest.approx(e["train_log_likelihood"] - e["train_kl"])
         # the final model, its log p(x) estimate, loadable with the README's one line
-        assert r["log_px"]["k"] == rf.IW_SAMPLES
+        assert r["log_px"]["k"] == rf.IW_SAMPLES  # with what moves the estimate's noise
+        assert r["log_px"]["decodes_per_pass"] == rf.IW_DECODES_PER_PASS
         assert r["evals"][-1]["test_elbo"] - 1 < r["log_px"]["test"] < 0
         saved = torch.load(out / "models" / f"{r['method']}_nz{r['latent_dim']}.pt")
         vae = rf.build_vae(saved["latent_dim"], saved["hidden_size"])
